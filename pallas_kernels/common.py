@@ -1,0 +1,49 @@
+"""Helpers shared by the Pallas GPU kernels: backend choice, Triton params, cuda-lowering probe."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+from jax.experimental.pallas import triton as pltr
+
+# Large finite negative used for masked scores: (-inf) - (-inf) would be NaN in an online softmax.
+MASK_VALUE = -0.7 * float(jax.numpy.finfo(jax.numpy.float32).max)
+
+
+def triton_params(num_warps: int = 4, num_stages: int = 2) -> pltr.CompilerParams:
+  """Explicit Triton compiler params.
+
+  JAX 0.10 lowers a bare ``pallas_call`` on GPU to Mosaic GPU, JAX 0.11 to Triton; passing these
+  makes a kernel mean the same thing on both (pallas-gpu-notes.md §0).
+  """
+  return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'pallas' on a GPU, 'reference' elsewhere. Explicit choices pass through."""
+  if impl not in ("auto", "pallas", "reference", "interpret"):
+    raise ValueError(f"impl: expected auto|pallas|reference|interpret, got {impl!r}")
+  if impl == "auto":
+    return "pallas" if on_gpu() else "reference"
+  return impl
+
+
+def is_power_of_two(n: int) -> bool:
+  return n > 0 and (n & (n - 1)) == 0
+
+
+def cuda_lowering_text(fn, *arg_specs) -> str:
+  """Lower ``fn`` for the 'cuda' platform on this (possibly CPU-only) machine; return the text.
+
+  Runs the Pallas -> Triton-IR lowering without a GPU, so non-power-of-two shapes and
+  unsupported primitives fail here. Raises whatever the lowering raises.
+  """
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    lowered = jax.jit(fn).trace(*arg_specs).lower(lowering_platforms=("cuda",))
+    return lowered.as_text()

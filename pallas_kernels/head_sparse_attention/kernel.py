@@ -1,0 +1,149 @@
+"""Pallas (Triton-style) head-sparse paged attention kernel for the Reuse phase.
+
+One program per (request b, KV head h, q tile i). It walks the (b, h) page table in `block_k`-token
+sub-blocks of a page (scalar page id + `pl.ds` offset, pallas-gpu-notes.md §5.8), then attends to the
+block's fresh K/V, all inside one f32 online softmax.
+
+No argument validation here (ops.py does it), so the lowering tests can feed bad shapes straight in.
+Triton rules this code keeps (notes §4): every loaded/computed array has a power-of-two element count,
+one combined indexer per ref access, `lax.div` instead of `%` on loop indices, 2-D dots only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels.common import MASK_VALUE, triton_params
+
+MIN_DOT = 16  # tl.dot needs M, N, K >= 16 (only fails on the GPU, so enforce it up front)
+
+
+def padded_rows(n: int, minimum: int = MIN_DOT) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def _init_state(rows: int, head_dim: int):
+  """Online-softmax carry: (acc [rows, D] f32, running max [rows], running sum [rows])."""
+  return (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows,), -jnp.inf, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def _attend(state, q, k, v, valid, scale, precision):
+  """One online-softmax step. q [rows, D]; k, v [bk, D]; valid [bk] bool."""
+  acc, m, l = state
+  s = pltr.dot(q, k, trans_b=True, precision=precision) * scale               # [rows, bk] f32
+  s = jnp.where(valid[None, :], s, MASK_VALUE)          # finite: (-inf) - (-inf) would give NaN
+  v = jnp.where(valid[:, None], v, jnp.zeros_like(v))   # 0 * NaN guard for garbage/dummy rows
+  m_new = jnp.maximum(m, s.max(axis=-1))
+  p = jnp.exp(s - m_new[:, None])
+  alpha = jnp.exp(m - m_new)
+  acc = alpha[:, None] * acc + pltr.dot(p.astype(v.dtype), v, precision=precision)
+  return acc, m_new, alpha * l + p.sum(axis=-1)
+
+
+def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref, o_ref,
+            *, block_k: int, scale: float, num_fresh: int):
+  """Refs: q [bq, D]; k/v pool [P, S, D] of this head; page table [MP]; kv_len, new_len 0-d;
+  fresh k/v [Lf, D] (Lf = padded num_fresh); out [bq, D]."""
+  rows, head_dim = q_ref.shape
+  page_size = k_ref.shape[1]
+  max_pages = pt_ref.shape[0]
+  subs_per_page = page_size // block_k
+  # f32 would otherwise run as TF32 on tensor cores; bf16 keeps the default.
+  precision = lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
+  attend = functools.partial(_attend, scale=scale, precision=precision)
+
+  q = q_ref[...]
+  state = _init_state(rows, head_dim)
+
+  # Fresh K/V of the block: valid rows < new_len[b] (the padding rows are masked too).
+  n_new = jnp.clip(new_len_ref[...], 0, num_fresh)
+  fresh_valid = jnp.arange(kn_ref.shape[0]) < n_new
+  state = attend(state, q, kn_ref[...], vn_ref[...], fresh_valid)
+
+  # Cached tokens, clamped so the loop never reads past the page table.
+  n_cached = jnp.clip(kv_len_ref[...], 0, max_pages * page_size)
+
+  def body(t, state):
+    page = lax.div(t, subs_per_page)                    # `%`/`//` on loop indices break lowering
+    pid = pt_ref[page]                                  # scalar page id
+    off = pl.multiple_of((t - page * subs_per_page) * block_k, block_k)
+    k = k_ref[pid, pl.ds(off, block_k), :]              # one combined indexer -> [bk, D]
+    v = v_ref[pid, pl.ds(off, block_k), :]
+    valid = t * block_k + jnp.arange(block_k) < n_cached
+    return attend(state, q, k, v, valid)
+
+  acc, _, l = lax.fori_loop(0, pl.cdiv(n_cached, block_k), body, state)
+  # l > 0 always (the fresh step adds masked ones); a row with no valid key has acc == 0 -> zeros.
+  o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+
+
+def head_sparse_attention_kernel(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    kv_len: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    new_len: jax.Array,
+    *,
+    scale: float,
+    block_k: int,
+    block_q: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> jax.Array:
+  """pallas_call wrapper (unvalidated; use ops.head_sparse_attention).
+
+  q [B, Hkv, QB, D]; k_pages, v_pages [Hkv, P, S, D]; page_table [B, Hkv, MP] int32;
+  kv_len [B, Hkv] int32; k_new, v_new [B, Hkv, Ln, D]; new_len [B] int32 -> [B, Hkv, QB, D].
+  Grid (B, Hkv, QB // block_q). Fresh rows are zero-padded to a power of two >= 16 here.
+  """
+  batch, num_kv_heads, q_rows, head_dim = q.shape
+  _, num_pages, page_size, _ = k_pages.shape
+  max_pages = page_table.shape[-1]
+  num_fresh = k_new.shape[2]
+  block_q = q_rows if block_q is None else block_q
+
+  fresh_rows = padded_rows(num_fresh)
+  if fresh_rows != num_fresh:
+    pad = ((0, 0), (0, 0), (0, fresh_rows - num_fresh), (0, 0))
+    k_new, v_new = jnp.pad(k_new, pad), jnp.pad(v_new, pad)
+
+  params = triton_params(num_warps=num_warps, num_stages=num_stages)
+  # Without Triton params jax 0.10 silently picks Mosaic GPU on a GPU (notes §8.6).
+  assert isinstance(params, pltr.CompilerParams), params
+
+  pool_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, h, i: (h, 0, 0, 0))
+  fresh_spec = pl.BlockSpec((None, None, fresh_rows, head_dim), lambda b, h, i: (b, h, 0, 0))
+  q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i: (b, h, i, 0))
+  kernel = functools.partial(_kernel, block_k=block_k, scale=float(scale), num_fresh=num_fresh)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      grid=(batch, num_kv_heads, q_rows // block_q),
+      in_specs=[
+          q_spec,
+          pool_spec,                                                     # whole per-head pool:
+          pool_spec,                                                     # pointer arithmetic only
+          pl.BlockSpec((None, None, max_pages), lambda b, h, i: (b, h, 0)),
+          pl.BlockSpec((None, None), lambda b, h, i: (b, h)),
+          fresh_spec,
+          fresh_spec,
+          pl.BlockSpec((None,), lambda b, h, i: (b,)),
+      ],
+      out_specs=q_spec,
+      compiler_params=params,
+      interpret=interpret,
+      name="head_sparse_attention",
+  )(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len)
