@@ -235,3 +235,151 @@ def _parse(d: Mapping[str, Any], name: str) -> ModelConfig:
   kw["eot_token_id"] = _get(extra, "eot_token_id", int, None)
   kw["bos_token_id"] = _get(extra, "bos_token_id", int, d.get("bos_token_id"))
   return ModelConfig(family=family, name=name, **kw)
+
+
+# Sampling ------------------------------------------------------------------------------------
+
+CONFIDENCE_KINDS = ("low_confidence", "random", "margin", "entropy")
+RULES = ("fixed", "threshold", "factor")
+SCHEDULES = ("llada", "dream")
+
+_SAMPLING_DEFAULTS: dict[str, Any] = dict(
+    gen_length=128, steps=None, block_length=32, temperature=0.0, confidence="low_confidence",
+    rule="fixed", threshold=0.9, factor=1.0, schedule="llada", seed=0, stop_on_eos=True)
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class SamplingParams:
+  """How one request is decoded. Frozen and validated at construction.
+
+  Defaults: gen_length 128, steps = gen_length, block_length 32, temperature 0.0,
+  confidence "low_confidence" (also random / margin / entropy), rule "fixed" (also threshold with
+  threshold 0.9 as Fast-dLLM, factor with factor 1.0), schedule "llada" (also "dream"), seed 0,
+  stop_on_eos True. Fields the caller leaves unset can be filled from a model's
+  generation_config.json with :meth:`with_defaults`.
+
+  steps > gen_length: LLaDA's own per-block schedule then has (steps - gen_length) trailing
+  steps that commit nothing; those no-op forwards are skipped (``effective_steps`` is clamped to
+  gen_length), which gives LLaDA's tokens at T = 0. The Dream schedule keeps every step.
+  """
+
+  gen_length: int
+  steps: int
+  block_length: int
+  temperature: float
+  confidence: str
+  rule: str
+  threshold: float
+  factor: float
+  schedule: str
+  seed: int
+  stop_on_eos: bool
+  explicit: frozenset = dataclasses.field(default=frozenset(), repr=False, compare=False)
+
+  def __init__(self, gen_length=None, steps=None, block_length=None, temperature=None,
+               confidence=None, rule=None, threshold=None, factor=None, schedule=None, seed=None,
+               stop_on_eos=None):
+    given = dict(gen_length=gen_length, steps=steps, block_length=block_length,
+                 temperature=temperature, confidence=confidence, rule=rule, threshold=threshold,
+                 factor=factor, schedule=schedule, seed=seed, stop_on_eos=stop_on_eos)
+    explicit = frozenset(k for k, v in given.items() if v is not None)
+    values = {k: (v if v is not None else _SAMPLING_DEFAULTS[k]) for k, v in given.items()}
+    gen, block = values["gen_length"], values["block_length"]
+    if "block_length" not in explicit and isinstance(gen, int) and isinstance(block, int):
+      # An unset block length follows the request: the whole canvas for Dream's block-less
+      # schedule, and never longer than the generation itself.
+      if values["schedule"] == "dream" or gen < block:
+        values["block_length"] = gen
+    if values["steps"] is None:
+      values["steps"] = values["gen_length"]
+    for k, v in values.items():
+      object.__setattr__(self, k, v)
+    object.__setattr__(self, "explicit", explicit)
+    self._validate()
+
+  def with_defaults(self, defaults: Mapping[str, Any]) -> "SamplingParams":
+    """Fill the fields the caller left unset from ``defaults`` (e.g. generation_config.json)."""
+    kw = {k: getattr(self, k) for k in self.explicit}
+    for k, v in defaults.items():  # other keys (e.g. HF's own) are not ours to interpret
+      if k not in _SAMPLING_DEFAULTS or k in self.explicit or v is None:
+        continue
+      if k in ("steps", "block_length") and "gen_length" in self.explicit:
+        continue  # a caller's gen_length implies its own steps / block defaults
+      kw[k] = v
+    out = SamplingParams(**kw)
+    object.__setattr__(out, "explicit", self.explicit)
+    return out
+
+  def replace(self, **changes) -> "SamplingParams":
+    kw = {k: getattr(self, k) for k in self.explicit}
+    kw.update(changes)
+    if "gen_length" in changes and "steps" not in changes and "steps" not in self.explicit:
+      kw.pop("steps", None)
+    return SamplingParams(**kw)
+
+  @property
+  def num_blocks(self) -> int:
+    return self.gen_length // self.block_length
+
+  @property
+  def effective_steps(self) -> int:
+    """Forward passes the fixed rule runs (see the class docstring for steps > gen_length)."""
+    if self.schedule == "llada" and self.steps > self.gen_length:
+      return self.gen_length
+    return self.steps
+
+  @property
+  def steps_per_block(self) -> int:
+    return self.effective_steps // self.num_blocks
+
+  def _validate(self):
+    def _int(name, lo=1):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{name}: expected an integer >= {lo}, got {v!r}")
+    _int("gen_length")
+    _int("steps")
+    _int("block_length")
+    _int("seed", 0)
+    if self.seed >= 2**32:
+      raise ValueError(f"seed: expected an integer in [0, 2**32), got {self.seed}")
+    if self.confidence not in CONFIDENCE_KINDS:
+      raise ValueError(f"confidence: expected one of {CONFIDENCE_KINDS}, got {self.confidence!r}")
+    if self.rule not in RULES:
+      raise ValueError(f"rule: expected one of {RULES}, got {self.rule!r}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
+    if not isinstance(self.stop_on_eos, bool):
+      raise ValueError(f"stop_on_eos: expected true or false, got {self.stop_on_eos!r}")
+    for name in ("temperature", "threshold", "factor"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        raise ValueError(f"{name}: expected a number, got {v!r}")
+      object.__setattr__(self, name, float(v))
+    if self.temperature < 0:
+      raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+    if not 0.0 < self.threshold <= 1.0:
+      raise ValueError(f"threshold: must be in (0, 1], got {self.threshold}")
+    if not self.factor > 0:
+      raise ValueError(f"factor: must be > 0, got {self.factor}")
+    if self.gen_length % self.block_length:
+      raise ValueError(
+          f"gen_length ({self.gen_length}) must be a multiple of block_length "
+          f"({self.block_length}); e.g. set block_length={_divisor_near(self.gen_length, self.block_length)}"
+          f" or gen_length={-(-self.gen_length // self.block_length) * self.block_length}")
+    if self.schedule == "dream":
+      if self.block_length != self.gen_length:
+        raise ValueError(
+            f"schedule 'dream' is block-less: block_length ({self.block_length}) must equal "
+            f"gen_length ({self.gen_length}); set block_length={self.gen_length}")
+    elif self.rule == "fixed" and self.steps % self.num_blocks:
+      nb = self.num_blocks
+      raise ValueError(
+          f"steps ({self.steps}) must be a multiple of the number of blocks "
+          f"gen_length/block_length = {nb} for the fixed rule; e.g. steps="
+          f"{max(nb, self.steps // nb * nb)}")
+
+
+def _divisor_near(n: int, target: int) -> int:
+  divisors = [d for d in range(1, n + 1) if n % d == 0]
+  return min(divisors, key=lambda d: (abs(d - target), d))

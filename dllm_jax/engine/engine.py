@@ -1,0 +1,240 @@
+"""``LLM``: load a model and generate with diffusion decoding.
+
+    llm = LLM()                                   # the bundled demo model
+    out = llm.generate(["The socket module"], SamplingParams(gen_length=64))
+    print(out[0].text, out[0].nfe)
+
+``generate`` never applies a chat template; ``chat`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dllm_jax.config import SamplingParams
+from dllm_jax.decoding import rules
+from dllm_jax.decoding.dense import DecodeState, LogitPlan, RowSpec, StepStatic, make_step_fn
+from dllm_jax.model.transformer import Transformer
+
+DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "demo")
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+  """Result of one request.
+
+  ``token_ids`` are all gen_length generated positions (after EOS fill); ``text`` decodes them up
+  to the first EOS / EoT (special tokens skipped). ``trace`` (on request) holds the generated
+  positions after every step, mask ids marking positions not yet committed.
+  """
+
+  index: int
+  prompt_token_ids: list[int]
+  token_ids: list[int]
+  text: str | None
+  nfe: int
+  finish_reason: str
+  prompt: str | None = None
+  trace: list[list[int]] | None = None
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+class LLM:
+  """A diffusion LM ready to generate.
+
+  model: a directory in HF layout (config.json + safetensors [+ tokenizer files,
+    generation_config.json]), a :class:`Transformer`, or None for the bundled demo model.
+  tokenizer: optional; loaded from the model directory when there is one.
+  logit_plan: how (token, confidence) are computed from hidden rows (see dllm_jax.logits).
+  """
+
+  def __init__(self, model: str | os.PathLike | Transformer | None = None, tokenizer=None, *,
+               param_dtype=None, generation_config: dict | None = None,
+               logit_plan: LogitPlan | None = None):
+    path = None
+    if model is None:
+      model = DEMO_MODEL_DIR
+    if isinstance(model, (str, os.PathLike)):
+      from dllm_jax.model.loader import load_model
+      path = os.fspath(model)
+      model = load_model(path, param_dtype=param_dtype)
+    if not isinstance(model, Transformer):
+      raise TypeError(f"model: expected a path or a Transformer, got {type(model).__name__}")
+    self.model = model
+    self.cfg = model.cfg
+    self.path = path
+    if tokenizer is None and path and os.path.isfile(os.path.join(path, "tokenizer.json")):
+      from dllm_jax.tokenizer import load_tokenizer
+      tokenizer = load_tokenizer(path)
+    self.tokenizer = tokenizer
+    if generation_config is None and path:
+      gc = os.path.join(path, "generation_config.json")
+      if os.path.isfile(gc):
+        with open(gc) as fh:
+          generation_config = json.load(fh)
+    self.generation_config = dict(generation_config or {})
+    self.logit_plan = logit_plan or LogitPlan()
+    self._graphdef, self._params = nnx.split(model)
+    self._steps: dict[StepStatic, Any] = {}
+
+  # Public API ---------------------------------------------------------------------------------
+  def default_sampling_params(self) -> SamplingParams:
+    return SamplingParams().with_defaults(self.generation_config)
+
+  def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+               *, return_trace: bool = False, progress=None) -> list[GenerationOutput]:
+    """Generate for a static batch. ``prompts``: a string, a list of strings, a list of token
+    ids, or a list of token-id lists. ``sampling_params``: one for all or one per prompt."""
+    texts, ids = self._prompt_ids(prompts)
+    sps = self._sampling_params(sampling_params, len(ids))
+    return self._run_static(ids, sps, texts, return_trace, progress)
+
+  def chat(self, messages, sampling_params=None, **kw) -> list[GenerationOutput]:
+    """Apply the tokenizer's chat template, then generate. ``messages``: one conversation (a
+    list of {"role", "content"} dicts) or a list of conversations."""
+    if self.tokenizer is None:
+      raise ValueError("chat needs a tokenizer; pass tokenizer= or a model directory with one")
+    if messages and isinstance(messages[0], dict):
+      messages = [messages]
+    prompts = [self.tokenizer.apply_chat_template(m) for m in messages]
+    texts, _ = self._prompt_ids(prompts)
+    ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    sps = self._sampling_params(sampling_params, len(ids))
+    return self._run_static(ids, sps, texts, kw.get("return_trace", False), kw.get("progress"))
+
+  # Internals ----------------------------------------------------------------------------------
+  def _prompt_ids(self, prompts) -> tuple[list[str | None], list[list[int]]]:
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    elif isinstance(prompts, (list, tuple)) and prompts and all(
+        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompts):
+      prompts = [list(prompts)]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+      raise ValueError("prompts: expected a string, a list of strings or of token-id lists")
+    texts, ids = [], []
+    for i, p in enumerate(prompts):
+      if isinstance(p, str):
+        if self.tokenizer is None:
+          raise ValueError("string prompts need a tokenizer; pass token ids or a tokenizer")
+        texts.append(p)
+        ids.append(self.tokenizer.encode(p, add_special_tokens=False))
+      elif isinstance(p, (list, tuple, np.ndarray)):
+        row = [int(t) for t in p]
+        bad = [t for t in row if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+          raise ValueError(f"prompt {i}: token id {bad[0]} outside [0, {self.cfg.vocab_size})")
+        if self.cfg.mask_token_id in row:
+          raise ValueError(f"prompt {i}: contains the mask token id {self.cfg.mask_token_id}")
+        texts.append(None)
+        ids.append(row)
+      else:
+        raise ValueError(f"prompt {i}: expected a string or a list of token ids, "
+                         f"got {type(p).__name__}")
+    return texts, ids
+
+  def _sampling_params(self, sp, n: int) -> list[SamplingParams]:
+    if sp is None:
+      sp = SamplingParams()
+    if isinstance(sp, SamplingParams):
+      sps = [sp] * n
+    else:
+      sps = list(sp)
+      if len(sps) != n or not all(isinstance(s, SamplingParams) for s in sps):
+        raise ValueError(f"sampling_params: expected one SamplingParams or a list of {n}")
+    return [s.with_defaults(self.generation_config) for s in sps]
+
+  def _step_fn(self, static: StepStatic):
+    fn = self._steps.get(static)
+    if fn is None:
+      fn = self._steps[static] = make_step_fn(self._graphdef, static)
+    return fn
+
+  def _run_static(self, ids, sps, texts, return_trace, progress) -> list[GenerationOutput]:
+    cfg = self.cfg
+    for i, (p, sp) in enumerate(zip(ids, sps)):
+      if len(p) + sp.gen_length > cfg.max_position:
+        raise ValueError(f"prompt {i}: {len(p)} prompt + {sp.gen_length} generated tokens exceed "
+                         f"the model's {cfg.max_position} positions")
+    b_real = len(ids)
+    b = _pow2(b_real)
+    n = _round_up(max(len(p) + sp.gen_length for p, sp in zip(ids, sps)), 32)
+    width = _pow2(max(sp.block_length for sp in sps))
+    tokens = np.full((b, n), cfg.pad_token_id, np.int32)
+    lengths = np.ones((b,), np.int32)
+    spec = {k: np.zeros((b,), np.int32) for k in ("gen_start", "gen_len", "block_len", "steps",
+                                                    "confidence", "rule", "schedule")}
+    spec.update(temperature=np.zeros((b,), np.float32), threshold=np.ones((b,), np.float32),
+                factor=np.ones((b,), np.float32), seed=np.zeros((b,), np.uint32),
+                stop_on_eos=np.zeros((b,), bool))
+    spec["block_len"][:] = 1
+    spec["steps"][:] = 1
+    for i, (p, sp) in enumerate(zip(ids, sps)):
+      tokens[i, :len(p)] = p
+      tokens[i, len(p):len(p) + sp.gen_length] = cfg.mask_token_id
+      lengths[i] = len(p) + sp.gen_length
+      spec["gen_start"][i], spec["gen_len"][i] = len(p), sp.gen_length
+      spec["block_len"][i], spec["steps"][i] = sp.block_length, sp.effective_steps
+      spec["temperature"][i], spec["threshold"][i], spec["factor"][i] = (
+          sp.temperature, sp.threshold, sp.factor)
+      spec["confidence"][i] = rules.CONFIDENCE_IDS[sp.confidence]
+      spec["rule"][i] = rules.RULE_IDS[sp.rule]
+      spec["schedule"][i] = rules.SCHEDULE_IDS[sp.schedule]
+      spec["seed"][i] = sp.seed
+      spec["stop_on_eos"][i] = sp.stop_on_eos
+    done = np.arange(b) >= b_real
+    static = StepStatic(
+        cand_width=width, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
+        eos_ids=cfg.eos_ids, shifted=cfg.shifted_prediction, plan=self.logit_plan,
+        want_margin=any(sp.confidence == "margin" for sp in sps),
+        want_entropy=any(sp.confidence == "entropy" for sp in sps))
+    step = self._step_fn(static)
+    spec = RowSpec(**{k: jnp.asarray(v) for k, v in spec.items()})
+    state = DecodeState(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
+                        step=jnp.zeros((b,), jnp.int32), done=jnp.asarray(done))
+    traces = [[] for _ in range(b_real)] if return_trace else None
+    finished = done
+    while not finished.all():
+      state, _ = step(self._params, spec, state)
+      finished = np.asarray(state.done)  # one small device->host read per step
+      if traces is not None:
+        canvas = np.asarray(state.tokens)
+        for i in range(b_real):
+          if not done[i]:
+            traces[i].append(canvas[i, len(ids[i]):len(ids[i]) + sps[i].gen_length].tolist())
+        done = finished.copy()
+      if progress is not None:
+        progress(int(finished[:b_real].sum()), b_real)
+    canvas = np.asarray(state.tokens)
+    nfe = np.asarray(state.step)
+    outs = []
+    for i, (p, sp) in enumerate(zip(ids, sps)):
+      gen = canvas[i, len(p):len(p) + sp.gen_length].tolist()
+      outs.append(GenerationOutput(
+          index=i, prompt_token_ids=list(p), token_ids=gen, text=self._text(gen), nfe=int(nfe[i]),
+          finish_reason=self._finish_reason(gen), prompt=texts[i],
+          trace=traces[i] if traces is not None else None))
+    return outs
+
+  def _text(self, gen: list[int]) -> str | None:
+    if self.tokenizer is None:
+      return None
+    stop = next((j for j, t in enumerate(gen) if t in self.cfg.eos_ids), len(gen))
+    return self.tokenizer.decode(gen[:stop], skip_special_tokens=True)
+
+  def _finish_reason(self, gen: list[int]) -> str:
+    return "eos" if any(t in self.cfg.eos_ids for t in gen) else "length"
