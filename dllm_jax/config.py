@@ -383,3 +383,72 @@ class SamplingParams:
 def _divisor_near(n: int, target: int) -> int:
   divisors = [d for d in range(1, n + 1) if n % d == 0]
   return min(divisors, key=lambda d: (abs(d - target), d))
+
+
+# Engine --------------------------------------------------------------------------------------
+
+SCHEDULERS = ("phase", "fcfs", "static")
+LOGIT_VARIANTS = ("auto", "full", "rows", "row_chunked", "vocab_tiled")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Serving knobs. Each technique of the paper is one switch:
+
+  - ``logits``: "auto" (the budgeter's choice within ``activation_budget_bytes``) or a forced
+    variant; "full" is the no-budgeting baseline;
+  - ``scheduler``: "phase" (phase-multiplexed, default), "fcfs" (the reference's token-budget
+    FCFS) or "static" (a batch runs to completion before the next is admitted);
+  - ``sparse``: the SparseConfig given to requests that do not bring their own (None = dense);
+    its ``selection`` switches head-centric ("per_head") vs "shared" selection.
+
+  Memory: ``memory_budget_bytes`` (if set) is what weights + KV pool + activation peak may use on
+  any backend; the KV pool gets what is left (``num_pages`` overrides it).
+  """
+
+  max_running: int = 32
+  token_budget: int = 4096
+  max_model_len: int | None = None
+  scheduler: str = "phase"
+  logits: str = "auto"
+  chunk_rows: int | None = None
+  vocab_tile: int | None = None
+  activation_budget_bytes: int | None = None
+  memory_budget_bytes: int | None = None
+  num_pages: int | None = None
+  page_size: int = 64
+  max_block_length: int = 128
+  max_refresh_rows: int = 16
+  max_reuse_rows: int = 32
+  sparse: Any = None
+  attn_impl: str = "auto"
+  max_waiting: int = 1024
+  aging_steps: int = 8
+
+  def __post_init__(self):
+    for f in ("max_running", "token_budget", "page_size", "max_block_length", "max_refresh_rows",
+              "max_reuse_rows", "max_waiting", "aging_steps"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{f}: expected a positive integer, got {v!r}")
+    for f in ("max_model_len", "chunk_rows", "vocab_tile", "activation_budget_bytes",
+              "memory_budget_bytes", "num_pages"):
+      v = getattr(self, f)
+      if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ValueError(f"{f}: expected a positive integer or null, got {v!r}")
+    if self.num_pages is not None and self.num_pages < 2:
+      raise ValueError("num_pages: need at least 2 (page 0 is the dummy page)")
+    if self.scheduler not in SCHEDULERS:
+      raise ValueError(f"scheduler: expected one of {SCHEDULERS}, got {self.scheduler!r}")
+    if self.logits not in LOGIT_VARIANTS:
+      raise ValueError(f"logits: expected one of {LOGIT_VARIANTS}, got {self.logits!r}")
+    if self.attn_impl not in ("auto", "pallas", "reference", "interpret"):
+      raise ValueError(f"attn_impl: expected auto|pallas|reference|interpret, got {self.attn_impl!r}")
+    if self.page_size & (self.page_size - 1) or self.page_size < 16:
+      raise ValueError(f"page_size: must be a power of two >= 16 (Triton), got {self.page_size}")
+    from dllm_jax.cache.sparse_state import SparseConfig
+    if self.sparse is not None and not isinstance(self.sparse, SparseConfig):
+      raise ValueError(f"sparse: expected a SparseConfig or None, got {type(self.sparse).__name__}")
+
+  def replace(self, **kw) -> "EngineConfig":
+    return dataclasses.replace(self, **kw)

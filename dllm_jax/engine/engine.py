@@ -12,16 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dllm_jax.config import SamplingParams
+from dllm_jax.cache.sparse_state import SparseConfig
+from dllm_jax.config import EngineConfig, SamplingParams
 from dllm_jax.decoding import rules
 from dllm_jax.decoding.dense import DecodeState, LogitPlan, RowSpec, StepStatic, make_step_fn
+from dllm_jax.engine.core import EngineCore
 from dllm_jax.model.transformer import Transformer
 
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "demo")
@@ -44,6 +46,8 @@ class GenerationOutput:
   finish_reason: str
   prompt: str | None = None
   trace: list[list[int]] | None = None
+  request_id: str | None = None
+  metrics: dict | None = None
 
 
 def _round_up(x: int, m: int) -> int:
@@ -65,7 +69,7 @@ class LLM:
 
   def __init__(self, model: str | os.PathLike | Transformer | None = None, tokenizer=None, *,
                param_dtype=None, generation_config: dict | None = None,
-               logit_plan: LogitPlan | None = None):
+               logit_plan: LogitPlan | None = None, engine_config: EngineConfig | None = None):
     path = None
     if model is None:
       model = DEMO_MODEL_DIR
@@ -91,31 +95,124 @@ class LLM:
     self.logit_plan = logit_plan or LogitPlan()
     self._graphdef, self._params = nnx.split(model)
     self._steps: dict[StepStatic, Any] = {}
+    self.engine_config = engine_config or EngineConfig()
+    self._core: EngineCore | None = None
+    self._outputs: dict[str, GenerationOutput] = {}
+
+  @property
+  def core(self) -> EngineCore:
+    """The continuous-batching engine (built on first use)."""
+    if self._core is None:
+      self._core = EngineCore(self.model, self.engine_config)
+    return self._core
+
+  # Continuous batching ------------------------------------------------------------------------
+  def add_request(self, prompt, sampling_params: SamplingParams | None = None,
+                  sparse: SparseConfig | None = None, *, request_id: str | None = None,
+                  stream: Callable | None = None, return_trace: bool = False) -> str:
+    """Queue one request; returns its id. ``prompt``: text or token ids. ``sparse``: this
+    request's SparseConfig (default: the engine's). ``stream(request_id, token_ids, finished)``
+    is called with the committed left prefix of the generation whenever it grows."""
+    texts, ids = self._prompt_ids([prompt] if isinstance(prompt, str) or (
+        prompt and not isinstance(prompt[0], (list, tuple, np.ndarray))) else prompt)
+    if len(ids) != 1:
+      raise ValueError("add_request takes one prompt")
+    sp = self._sampling_params(sampling_params, 1)[0]
+    sparse = self.engine_config.sparse if sparse is None else sparse
+    callback = None
+    if stream is not None:
+      def callback(req, finished):
+        stream(req.request_id, req.generated[:req.committed_prefix()].tolist(), finished)
+    rid = self.core.add(ids[0], sp, sparse, request_id=request_id, callback=callback,
+                        prompt=texts[0])
+    if return_trace:
+      self.core._requests[rid].trace = []
+    return rid
+
+  def step(self) -> list[GenerationOutput]:
+    """One engine step; returns the outputs of the requests that finished in it."""
+    outs = []
+    for req in self.core.step():
+      out = self._output(req)
+      self._outputs[req.request_id] = out
+      outs.append(out)
+    return outs
+
+  def abort(self, request_id: str) -> bool:
+    """Cancel a request; its KV pages are freed at the next step."""
+    return self.core.abort(request_id)
+
+  def has_unfinished(self) -> bool:
+    return self._core is not None and self._core.has_unfinished()
+
+  def generate(self, prompts, sampling_params=None, sparse=None, *, return_trace: bool = False,
+               progress=None, stream: Callable | None = None) -> list[GenerationOutput]:
+    """Generate with continuous batching (add_request + step until done), outputs in order.
+
+    ``prompts``: a string, a list of strings, a list of token ids, or a list of token-id lists.
+    ``sampling_params`` / ``sparse``: one for all, or a list with one per prompt.
+    """
+    texts, ids = self._prompt_ids(prompts)
+    sps = self._sampling_params(sampling_params, len(ids))
+    sparses = list(sparse) if isinstance(sparse, (list, tuple)) else [sparse] * len(ids)
+    if len(sparses) != len(ids):
+      raise ValueError(f"sparse: expected one SparseConfig or a list of {len(ids)}")
+    for i, (p, sp, spc) in enumerate(zip(ids, sps, sparses)):  # validate all before queueing any
+      try:
+        self.core.validate(p, sp, self.engine_config.sparse if spc is None else spc)
+      except ValueError as e:
+        raise ValueError(f"prompt {i}: {e}") from None
+    rids = [self.add_request(p, sp, spc, stream=stream, return_trace=return_trace)
+            for p, sp, spc in zip(ids, sps, sparses)]
+    pending = set(rids)
+    while pending:
+      for out in self.step():
+        pending.discard(out.request_id)
+        if progress is not None:
+          progress(len(rids) - len(pending), len(rids))
+    outs = [self._outputs.pop(r) for r in rids]
+    for i, (o, t) in enumerate(zip(outs, texts)):
+      o.index, o.prompt = i, t
+    return outs
+
+  def _output(self, req) -> GenerationOutput:
+    gen = req.generated.tolist()
+    return GenerationOutput(
+        index=0, prompt_token_ids=list(req.prompt_ids), token_ids=gen,
+        text=self._text(gen), nfe=req.step, finish_reason=req.finish_reason or "length",
+        prompt=req.prompt, trace=req.trace, request_id=req.request_id,
+        metrics=dict(arrival=req.arrival, first_token=req.first_token_time,
+                     finish=req.finish_time))
 
   # Public API ---------------------------------------------------------------------------------
   def default_sampling_params(self) -> SamplingParams:
     return SamplingParams().with_defaults(self.generation_config)
 
-  def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-               *, return_trace: bool = False, progress=None) -> list[GenerationOutput]:
-    """Generate for a static batch. ``prompts``: a string, a list of strings, a list of token
-    ids, or a list of token-id lists. ``sampling_params``: one for all or one per prompt."""
+  def generate_static(self, prompts, sampling_params=None, *, return_trace: bool = False,
+                      progress=None) -> list[GenerationOutput]:
+    """Dense decoding of a static batch, entirely on device (one jitted step over the canvas).
+
+    The reference path for the engine: ``generate`` (continuous batching) must give the same
+    tokens. ``prompts``: a string, a list of strings, a list of token ids, or a list of token-id
+    lists. ``sampling_params``: one for all or one per prompt.
+    """
     texts, ids = self._prompt_ids(prompts)
     sps = self._sampling_params(sampling_params, len(ids))
     return self._run_static(ids, sps, texts, return_trace, progress)
 
-  def chat(self, messages, sampling_params=None, **kw) -> list[GenerationOutput]:
-    """Apply the tokenizer's chat template, then generate. ``messages``: one conversation (a
-    list of {"role", "content"} dicts) or a list of conversations."""
+  def chat(self, messages, sampling_params=None, sparse=None, **kw) -> list[GenerationOutput]:
+    """Apply the tokenizer's chat template, then :meth:`generate`. ``messages``: one
+    conversation (a list of {"role", "content"} dicts) or a list of conversations."""
     if self.tokenizer is None:
       raise ValueError("chat needs a tokenizer; pass tokenizer= or a model directory with one")
     if messages and isinstance(messages[0], dict):
       messages = [messages]
     prompts = [self.tokenizer.apply_chat_template(m) for m in messages]
-    texts, _ = self._prompt_ids(prompts)
     ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-    sps = self._sampling_params(sampling_params, len(ids))
-    return self._run_static(ids, sps, texts, kw.get("return_trace", False), kw.get("progress"))
+    outs = self.generate(ids, sampling_params, sparse, **kw)
+    for o, p in zip(outs, prompts):
+      o.prompt = p
+    return outs
 
   # Internals ----------------------------------------------------------------------------------
   def _prompt_ids(self, prompts) -> tuple[list[str | None], list[list[int]]]:

@@ -51,11 +51,11 @@ class Attention(nnx.Module):
     self.o_proj = Linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, rngs=rngs)
 
   def qkv(self, h: jax.Array, positions: jax.Array):
-    """Post-RoPE q [B,T,Hq,D], k and v [B,T,Hkv,D]."""
-    b, t, _ = h.shape
-    q = self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+    """Post-RoPE q [..., T, Hq, D], k and v [..., T, Hkv, D] from h [..., T, d]."""
+    lead = h.shape[:-1]
+    q = self.q_proj(h).reshape(*lead, self.num_heads, self.head_dim)
+    k = self.k_proj(h).reshape(*lead, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(h).reshape(*lead, self.num_kv_heads, self.head_dim)
     return rope(q, positions, self.theta), rope(k, positions, self.theta), v
 
   def __call__(self, h: jax.Array, positions: jax.Array, lengths: jax.Array) -> jax.Array:

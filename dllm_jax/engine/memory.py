@@ -1,0 +1,90 @@
+"""The engine's memory model: activation bytes of a bucketed step, logit plan, KV pool size.
+
+``budget = weights + KV pool + activation peak`` (DESIGN.md §4). The activation peak of a step
+is analytic (a documented upper estimate of the largest live set; see
+:func:`step_activation_bytes`); the logit part comes from the budgeter's model of the chosen
+variant. The engine enforces the budget on any backend: the pool gets what is left after the
+weights and the peak of the largest configured step, and the scheduler only runs steps whose
+estimate fits ``activation_budget_bytes``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from dllm_jax.config import EngineConfig, ModelConfig
+from dllm_jax.decoding.dense import LogitPlan
+
+
+def logit_plan(cfg: EngineConfig, mcfg: ModelConfig, rows: int, dtype) -> LogitPlan:
+  """The logit variant for ``rows`` candidate rows: forced by the config, or the budgeter's
+  fastest plan within the logit share of the activation budget."""
+  if cfg.logits != "auto":
+    return LogitPlan(variant=cfg.logits, chunk_rows=cfg.chunk_rows or 256,
+                     vocab_tile=cfg.vocab_tile or 2048)
+  from dllm_jax.logits import budgeter
+  budget = cfg.activation_budget_bytes or (1 << 62)
+  choice = budgeter.choose(budget // 2, rows, mcfg.hidden_size, mcfg.vocab_size,
+                           jnp.dtype(dtype))
+  return LogitPlan(variant=choice.variant, chunk_rows=choice.chunk_rows or 256,
+                   vocab_tile=choice.vocab_tile or 2048)
+
+
+def logit_bytes(mcfg: ModelConfig, plan: LogitPlan, rows: int, fed_rows: int, dtype) -> int:
+  from dllm_jax.logits import budgeter
+  variant = plan.variant
+  r = fed_rows if variant == "full" else rows
+  return budgeter.estimate_bytes(variant if variant != "full" else "rows", r, mcfg.hidden_size,
+                                 mcfg.vocab_size, jnp.dtype(dtype), plan.chunk_rows,
+                                 plan.vocab_tile)
+
+
+def step_activation_bytes(mcfg: ModelConfig, shapes, plan: LogitPlan, dtype) -> int:
+  """Upper estimate of a step's live activations (bytes).
+
+  T = Br*N + Bu*Lq packed tokens, b = dtype bytes:
+    residual stream + normed copy + layer output: 3 * T * d * b
+    attention: q/k/v T*(Hq + 2*Hkv)*D*b, Refresh scores and probabilities 2 * Br*Hq*N*N*4 (f32),
+               Reuse gathered-page worst case is bounded by the kernel's tiles (ignored)
+    MLP: gate, up and their product 3 * T * F * b
+    logits: the plan's own peak (budgeter), with the candidate rows' hidden gather R*d*b
+  peak = 3*T*d*b + max(attention, MLP, logits + R*d*b).
+  """
+  b = jnp.dtype(dtype).itemsize
+  t = shapes.refresh_rows * shapes.length + shapes.reuse_rows * shapes.query_rows
+  d, f, hd = mcfg.hidden_size, mcfg.intermediate_size, mcfg.head_dim
+  attn = t * (mcfg.num_heads + 2 * mcfg.num_kv_heads) * hd * b
+  attn += 2 * shapes.refresh_rows * mcfg.num_heads * shapes.length * shapes.length * 4
+  mlp = 3 * t * f * b
+  rows = (shapes.refresh_rows + shapes.reuse_rows) * shapes.cand
+  logits = logit_bytes(mcfg, plan, rows, t, dtype) + rows * d * b
+  return 3 * t * d * b + max(attn, mlp, logits)
+
+
+def weights_bytes(mcfg: ModelConfig, dtype) -> int:
+  return mcfg.num_params() * jnp.dtype(dtype).itemsize
+
+
+def pages_for_budget(budget: int, mcfg: ModelConfig, cfg: EngineConfig, pool, dtype,
+                     max_len_bucket: int) -> int:
+  """KV pages that fit: (budget - weights - activation peak of the largest step) / page bytes.
+
+  The largest step is max_refresh_rows x max length plus max_reuse_rows Reuse rows (or the
+  activation budget, when one is set). Compare dLLM-Serve's
+  ``(total*util - used - peak + current) / page_bytes`` (spec §5.3): the same subtraction, with
+  the peak taken from the analytic model instead of a warm-up run.
+  """
+  from dllm_jax.engine.batch import Shapes
+  from dllm_jax.engine.runner import pow2_at_least
+
+  cand = pow2_at_least(cfg.max_block_length, 8)
+  rows = min(cfg.max_refresh_rows, max(1, cfg.token_budget // max_len_bucket))
+  shapes = Shapes(refresh_rows=pow2_at_least(rows), length=max_len_bucket,
+                  reuse_rows=pow2_at_least(cfg.max_reuse_rows),
+                  query_rows=cand + (1 if mcfg.shifted_prediction else 0), cand=cand)
+  peak = cfg.activation_budget_bytes
+  if peak is None:
+    plan = logit_plan(cfg, mcfg, (shapes.refresh_rows + shapes.reuse_rows) * cand, dtype)
+    peak = step_activation_bytes(mcfg, shapes, plan, dtype)
+  left = budget - weights_bytes(mcfg, dtype) - peak
+  return int(left // pool.page_bytes)

@@ -1,0 +1,157 @@
+"""A request's host-side decoding state: its canvas and where it stands in the state machine.
+
+All bookkeeping is on small numpy arrays; the device only ever sees the rows it runs this step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Callable
+
+import numpy as np
+
+from dllm_jax.cache.page_pool import max_keep, pages_needed
+from dllm_jax.cache.selection import n_keep
+from dllm_jax.cache.sparse_state import Phase, SparseConfig, phase_of
+from dllm_jax.config import ModelConfig, SamplingParams
+from dllm_jax.decoding import schedule
+
+
+class Status(enum.Enum):
+  WAITING = "waiting"
+  RUNNING = "running"
+  FINISHED = "finished"
+  ABORTED = "aborted"
+  REJECTED = "rejected"
+
+
+@dataclasses.dataclass
+class Request:
+  """One generation request. ``canvas`` = prompt + generation ([P + G] int32, mask = pending)."""
+
+  request_id: str
+  prompt_ids: list[int]
+  params: SamplingParams
+  sparse: SparseConfig | None
+  mask_id: int
+  callback: Callable | None = None
+  prompt: str | None = None
+  arrival: float = dataclasses.field(default_factory=time.perf_counter)
+
+  status: Status = Status.WAITING
+  step: int = 0              # forward passes run so far (the noise counter)
+  block_step: int = 0        # forward passes within the current block
+  block_index: int = -1
+  slot: int | None = None
+  pages: list[int] = dataclasses.field(default_factory=list)
+  skipped: int = 0           # consecutive steps the scheduler passed this request over
+  first_token_time: float | None = None
+  finish_time: float | None = None
+  finish_reason: str | None = None
+  error: str | None = None
+  streamed: int = 0          # committed prefix length already reported
+  trace: list | None = None  # generated positions after every step, when requested
+
+  def __post_init__(self):
+    self.canvas = np.asarray(
+        list(self.prompt_ids) + [self.mask_id] * self.params.gen_length, np.int32)
+
+  # Geometry ---------------------------------------------------------------------------------
+  @property
+  def prompt_len(self) -> int:
+    return len(self.prompt_ids)
+
+  @property
+  def length(self) -> int:
+    return len(self.canvas)
+
+  @property
+  def generated(self) -> np.ndarray:
+    return self.canvas[self.prompt_len:]
+
+  @property
+  def is_sparse(self) -> bool:
+    return self.sparse is not None and self.sparse.enabled
+
+  def current_block(self) -> tuple[int, int, int]:
+    """(block index, start, length) of the first block that still holds a mask."""
+    masked = np.flatnonzero(self.generated == self.mask_id)
+    bl = self.params.block_length
+    b = int(masked[0]) // bl if len(masked) else 0
+    start = self.prompt_len + b * bl
+    return b, start, min(bl, self.length - start)
+
+  def committed_prefix(self) -> int:
+    """Length of the longest left-contiguous committed part of the generation."""
+    masked = np.flatnonzero(self.generated == self.mask_id)
+    return int(masked[0]) if len(masked) else self.params.gen_length
+
+  # State machine ----------------------------------------------------------------------------
+  def sync_block(self) -> tuple[int, int, int]:
+    """Enter the current block (resetting the in-block step counter when it changed)."""
+    b, start, lb = self.current_block()
+    if b != self.block_index:
+      self.block_index, self.block_step = b, 0
+    return b, start, lb
+
+  def phase(self) -> Phase:
+    if not self.is_sparse:
+      return Phase.REFRESH
+    return phase_of(self.block_step, self.sparse.delay)
+
+  def keep(self) -> int:
+    """n_keep of the current block (host side, float64 like the reference)."""
+    _, _, lb = self.current_block()
+    return n_keep(self.length - lb, self.sparse.keep_ratio)
+
+  def pages_needed(self, num_kv_heads: int, page_size: int) -> int:
+    if not self.is_sparse:
+      return 0
+    km = max_keep(self.length, self.prompt_len, self.params.gen_length, self.params.block_length,
+                  self.sparse.keep_ratio)
+    return pages_needed(km, num_kv_heads, page_size, self.sparse.adaptive)
+
+  def fixed_count(self) -> int:
+    """Tokens the fixed rule commits this step (LLaDA per-block or Dream schedule)."""
+    sp = self.params
+    b, _, lb = self.current_block()
+    if sp.schedule == "dream":
+      m = int(np.sum(self.generated == self.mask_id))
+      return schedule.dream_counts_host(m, sp.effective_steps, self.step)
+    per_block = max(sp.steps_per_block, 1)
+    j = self.step - b * per_block
+    base, rem = divmod(lb, per_block)
+    return base + (j < rem)
+
+  def reuse_cost(self, cfg: ModelConfig) -> int:
+    _, _, lb = self.current_block()
+    return lb + (1 if cfg.shifted_prediction else 0)
+
+  def apply(self, positions: np.ndarray, tokens: np.ndarray, eos_ids: tuple[int, ...],
+            eos_id: int) -> bool:
+    """Commit tokens; run the EOS rule; advance counters. Returns True when finished."""
+    self.canvas[positions] = tokens
+    self.step += 1
+    self.block_step += 1
+    done = self._finish_check(eos_ids, eos_id)
+    if self.trace is not None:
+      self.trace.append(self.generated.tolist())
+    return done
+
+  def _finish_check(self, eos_ids, eos_id) -> bool:
+    gen = self.generated
+    masked = gen == self.mask_id
+    if self.params.stop_on_eos:
+      is_eos = np.isin(gen, eos_ids)
+      left_done = np.cumsum(masked) - masked == 0
+      hit = np.flatnonzero(is_eos & left_done)
+      if len(hit):
+        gen[hit[0] + 1:] = eos_id
+        self.finish_reason = "eos"
+        return True
+    if not masked.any():
+      self.finish_reason = "eos" if np.isin(gen, eos_ids).any() else "length"
+      return True
+    return False

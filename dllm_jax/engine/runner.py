@@ -1,0 +1,162 @@
+"""Bucketed, jitted step functions: one fused forward + candidate decoding per engine step.
+
+The host builds a :class:`StepInputs` of small int/float arrays whose shapes come from a small
+set of buckets; the device runs the fused forward (Refresh and Reuse rows together), gathers the
+hidden rows of the candidate positions only, turns them into (token, confidence) through the
+logit plan, applies each row's commit rule, and hands back (x0, commit) — [rows, C] each.
+Nothing [rows x vocab]-sized leaves the logit module.
+
+Buckets (all powers of two, capped by the engine config):
+  Br  Refresh rows        1, 2, 4, ... max_refresh_rows   (or 0: no Refresh part)
+  N   Refresh length      32, 64, 128, ... max_model_len (rounded up to a power of two)
+  Bu  Reuse rows          1, 2, 4, ... max_reuse_rows     (or 0: no Reuse part)
+  C   candidates per row  fixed: the power of two >= the largest block length
+  Lq  Reuse query rows    fixed: C (+1 for Dream's query-only row)
+so the number of executables is at most (|Br| * |N| + 1) * (|Bu| + 1) - 1 per logit plan; every
+compilation is counted (``compile_count``) and warm-up can precompile them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dllm_jax.decoding import noise, rules
+from dllm_jax.decoding.dense import LogitPlan
+from dllm_jax.logits import variants
+from dllm_jax.model.fused import ReusePart, SelectPart, SparseStatic, step_forward
+from dllm_jax.model.transformer import RefreshPart, Transformer
+from pallas_kernels.fused_lm_head.reference import finalize, logits_stats
+
+
+def pow2_at_least(x: int, lo: int = 1) -> int:
+  return max(lo, 1 << max(0, int(x) - 1).bit_length())
+
+
+def bucket_sizes(lo: int, hi: int) -> list[int]:
+  """Powers of two from lo up to the first >= hi."""
+  out, v = [], pow2_at_least(lo)
+  while True:
+    out.append(v)
+    if v >= hi:
+      return out
+    v *= 2
+
+
+@flax.struct.dataclass
+class CandidateInputs:
+  """Per decoded row (Refresh rows first, then Reuse rows), all [R] or [R, C].
+
+  src [R, C]: index of the hidden row (within the row's own fed tokens) that predicts candidate c
+  (Dream's shift is folded in here by the host); pos [R, C]: absolute canvas position (noise key);
+  eligible [R, C]: still masked and inside the current block.
+  """
+
+  src: jax.Array
+  pos: jax.Array
+  eligible: jax.Array
+  temperature: jax.Array
+  seed: jax.Array
+  step: jax.Array
+  confidence: jax.Array
+  rule: jax.Array
+  k: jax.Array
+  threshold: jax.Array
+  factor: jax.Array
+
+
+@flax.struct.dataclass
+class StepInputs:
+  refresh: RefreshPart | None
+  select: SelectPart | None
+  reuse: ReusePart | None
+  cand: CandidateInputs
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStatic:
+  plan: LogitPlan
+  sparse: SparseStatic | None
+  want_margin: bool
+  want_entropy: bool
+
+
+def _full_logits_rows(flat, idx, head, params: variants.RowParams, static: StepStatic):
+  """The `full` baseline: logits for EVERY fed row ([rows_fed, V] f32 live, like the reference's
+  level 0), then the candidate rows' decisions from those logits."""
+  logits = jnp.dot(flat.astype(head.dtype), head, preferred_element_type=jnp.float32)
+  p = variants.RowParams(params.temperature.astype(jnp.float32), params.seed.astype(jnp.uint32),
+                         params.step.astype(jnp.int32), params.position.astype(jnp.int32))
+  st = logits_stats(jnp.take(logits, idx, axis=0), p.temperature, p.seed, p.step, p.position,
+                    want_margin=static.want_margin, want_entropy=static.want_entropy)
+  token, conf, margin, entropy = finalize(st, static.want_margin, static.want_entropy)
+  rand = noise.uniform(p.seed, p.step, p.position, head.shape[1])
+  return variants.RowOut(token, conf, margin, entropy, rand)
+
+
+def decode_and_commit(model: Transformer, h_refresh, h_reuse, c: CandidateInputs,
+                      static: StepStatic):
+  """(x0 [R, C] int32, commit [R, C] bool) from the hidden states of both parts."""
+  feeds = [h for h in (h_refresh, h_reuse) if h is not None]
+  flat = jnp.concatenate([h.reshape(-1, h.shape[-1]) for h in feeds], axis=0)
+  # Row r's fed tokens start at base[r] in the flat buffer (Refresh rows first, then Reuse).
+  base, off = [], 0
+  for h in feeds:
+    base.append(off + jnp.arange(h.shape[0], dtype=jnp.int32) * h.shape[1])
+    off += h.shape[0] * h.shape[1]
+  base = jnp.concatenate(base)
+  r, cw = c.src.shape
+  idx = (base[:, None] + c.src).reshape(-1)
+  head = model.lm_head.kernel[...]
+  plan = static.plan
+  params = variants.RowParams(
+      temperature=jnp.repeat(c.temperature, cw), seed=jnp.repeat(c.seed, cw),
+      step=jnp.repeat(c.step, cw), position=c.pos.reshape(-1))
+  if plan.variant == "full":
+    out = _full_logits_rows(flat, idx, head, params, static)
+  else:
+    out = variants.decode_rows(jnp.take(flat, idx, axis=0), head, params, variant=plan.variant,
+                               chunk_rows=plan.chunk_rows, vocab_tile=plan.vocab_tile,
+                               want_margin=static.want_margin, want_entropy=static.want_entropy,
+                               impl=plan.impl)
+  shape = lambda x: None if x is None else x.reshape(r, cw)
+  conf = rules.pick_confidence(c.confidence, shape(out.confidence), shape(out.rand),
+                               shape(out.margin), shape(out.entropy))
+  commit = rules.commit_mask(conf, c.eligible, c.rule, c.k, c.threshold, c.factor)
+  return shape(out.token), commit
+
+
+class Runner:
+  """Owns the jitted step functions of one model; counts compilations."""
+
+  def __init__(self, model: Transformer):
+    self.graphdef, self.params = nnx.split(model)
+    self._fns: dict[StepStatic, object] = {}
+    self._lock = threading.Lock()
+    self.compile_count = 0
+
+  def _make(self, static: StepStatic):
+    graphdef = self.graphdef
+
+    def fn(params, cache, inp: StepInputs):
+      self.compile_count += 1  # runs at trace time only: one per new shape / static config
+      model = nnx.merge(graphdef, params)
+      h_r, h_u, cache = step_forward(model, inp.refresh, inp.reuse, cache, inp.select,
+                                     static.sparse or SparseStatic())
+      x0, commit = decode_and_commit(model, h_r, h_u, inp.cand, static)
+      return cache, x0, commit
+
+    return jax.jit(fn, donate_argnums=(1,))
+
+  def step(self, cache, inp: StepInputs, static: StepStatic):
+    with self._lock:
+      fn = self._fns.get(static)
+      if fn is None:
+        fn = self._fns[static] = self._make(static)
+    return fn(self.params, cache, inp)
