@@ -1,8 +1,9 @@
-"""Head-sparse paged attention: interpret-mode Pallas kernel vs the jnp reference, the reference vs a
-numpy float64 dense oracle, and argument validation.
+"""Head-sparse paged attention: interpret-mode Pallas kernel vs the jnp reference, the reference vs
+a numpy float64 dense oracle, and argument validation.
 
-Tolerances: kernel vs reference, f32 max abs error <= 1e-5; bf16 relative L2 error <= 5e-3 (one bf16 ulp
-near 1 is ~4e-3, pallas-gpu-notes.md §0). Reference vs float64 oracle (f32 inputs): max abs <= 1e-5.
+Tolerances: kernel vs reference, f32 max abs error <= 1e-5; bf16 relative L2 error <= 5e-3 (one bf16
+ulp near 1 is ~4e-3, pallas-gpu-notes.md §0). Reference vs float64 oracle (f32 inputs): max abs
+<= 1e-5.
 """
 
 from __future__ import annotations
@@ -70,39 +71,73 @@ PARITY = [(name, "float32") for name in CASES] + [
     ("ragged_mha", "bfloat16"), ("gqa7_extra_row", "bfloat16"), ("sub_blocks", "bfloat16")]
 
 
-def make_inputs(case: Case, dtype, seed: int = 0):
+LAYOUTS = ("head_major", "shared")
+
+
+def page_space(pages, h: int):
+  """KV head h's page space: the whole pool for a shared [P, S, D] pool, else pages[h] (a view)."""
+  return pages if pages.ndim == 3 else pages[h]
+
+
+def make_inputs(case: Case, dtype, seed: int = 0, layout: str = "head_major"):
   """Random inputs in the model layout plus packed kernel inputs.
 
-  Each (b, h) gets its own distinct random pages from 1..P-1; unused table slots point at page 0.
+  layout "head_major": pools [Hkv, P, S, D]; within a head, requests own disjoint random pages from
+  1..P-1. layout "shared": pools [P, S, D]; every (request, head) owns disjoint random pages of the
+  one page space, so different heads' pages interleave. Unused table slots point at page 0.
   Page 0, cached slots past kv_len and fresh rows past new_len are filled with NaN.
   Returns (q_model [B, Lq, Hq, D], packed args tuple for head_sparse_attention).
   """
+  assert layout in LAYOUTS, layout
+  shared = layout == "shared"
   rng = np.random.default_rng(seed)
   b_, h_, d, s, mp = case.batch, case.num_kv_heads, case.head_dim, case.page_size, case.max_pages
-  num_pages = 1 + b_ * mp                                  # enough distinct pages per head
+  if shared:
+    num_pages = 1 + b_ * h_ * mp                           # one space, mp pages per (b, h)
+    pool_shape = (num_pages, s, d)
+  else:
+    num_pages = 1 + b_ * mp                                # enough distinct pages per head
+    pool_shape = (h_, num_pages, s, d)
   q_model = rng.standard_normal((b_, case.num_tokens, h_ * case.group, d)).astype(np.float32)
-  k_pages = rng.standard_normal((h_, num_pages, s, d)).astype(np.float32)
-  v_pages = rng.standard_normal((h_, num_pages, s, d)).astype(np.float32)
+  k_pages = rng.standard_normal(pool_shape).astype(np.float32)
+  v_pages = rng.standard_normal(pool_shape).astype(np.float32)
   k_new = rng.standard_normal((b_, h_, case.num_fresh, d)).astype(np.float32)
   v_new = rng.standard_normal((b_, h_, case.num_fresh, d)).astype(np.float32)
   kv_len = np.asarray(case.kv_len, np.int32)
   new_len = np.asarray(case.new_len, np.int32)
   page_table = np.zeros((b_, h_, mp), np.int32)
-  k_pages[:, 0] = v_pages[:, 0] = np.nan
+  if shared:                                               # global ids, heads interleaved
+    owned_all = rng.permutation(np.arange(1, num_pages)).reshape(h_, b_, mp)
+  for h in range(h_):
+    page_space(k_pages, h)[0] = page_space(v_pages, h)[0] = np.nan
   for b in range(b_):
     k_new[b, :, new_len[b]:] = v_new[b, :, new_len[b]:] = np.nan
-    for h in range(h_):
+  for h in range(h_):
+    if shared:
+      owned = owned_all[h]
+    else:
+      owned = rng.permutation(np.arange(1, num_pages)).reshape(b_, mp)   # disjoint per request
+    for b in range(b_):
       n = kv_len[b, h]
       used = -(-n // s)
-      page_table[b, h, :used] = rng.choice(np.arange(1, num_pages), used, replace=False)
+      page_table[b, h, :used] = owned[b, :used]
       if n % s:                                             # garbage after the last valid slot
         last = page_table[b, h, used - 1]
-        k_pages[h, last, n % s:] = v_pages[h, last, n % s:] = np.nan
+        page_space(k_pages, h)[last, n % s:] = page_space(v_pages, h)[last, n % s:] = np.nan
   cast = lambda x: jnp.asarray(x, dtype)
   q = pack_queries(cast(q_model), h_)
   args = (q, cast(k_pages), cast(v_pages), jnp.asarray(page_table), jnp.asarray(kv_len),
           cast(k_new), cast(v_new), jnp.asarray(new_len))
   return cast(q_model), args
+
+
+def to_shared(args):
+  """Head-major args -> the same logical cache in a shared page space (head h's page p: h*P + p)."""
+  q, k_pages, v_pages, page_table, *rest = args
+  num_kv_heads, num_pages = k_pages.shape[:2]
+  flat = lambda x: x.reshape((num_kv_heads * num_pages,) + x.shape[2:])
+  offsets = (jnp.arange(num_kv_heads, dtype=jnp.int32) * num_pages)[None, :, None]
+  return (q, flat(k_pages), flat(v_pages), page_table + offsets, *rest)
 
 
 def _f64(x):
@@ -112,17 +147,19 @@ def _f64(x):
 def dense_oracle(q_model, args, group: int):
   """numpy float64: explicit [gathered cached tokens ; fresh tokens] per (b, h), plain softmax.
 
-  q_model [B, Lq, Hq, D] -> [B, Lq, Hq, D]; query head hq uses KV head hq // group.
+  q_model [B, Lq, Hq, D] -> [B, Lq, Hq, D]; query head hq uses KV head hq // group. Pools may be
+  head-major [Hkv, P, S, D] or shared [P, S, D].
   """
   _, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len = args
   k_pages, v_pages, k_new, v_new = map(_f64, (k_pages, v_pages, k_new, v_new))
   page_table, kv_len, new_len = map(np.asarray, (page_table, kv_len, new_len))
   q_model = _f64(q_model)
   b_, _, hq, d = q_model.shape
-  page_size = k_pages.shape[2]
+  page_size = k_pages.shape[-2]
 
   def keys(pages, fresh, b, h):
-    cached = [pages[h, page_table[b, h, t // page_size], t % page_size] for t in range(kv_len[b, h])]
+    cached = [page_space(pages, h)[page_table[b, h, t // page_size], t % page_size]
+              for t in range(kv_len[b, h])]
     return np.concatenate([np.reshape(cached, (-1, d)), fresh[b, h, :new_len[b]]])
 
   out = np.zeros_like(q_model)
@@ -143,10 +180,12 @@ def run(args, impl, case: Case | None = None):
   return head_sparse_attention(*args, impl=impl, **kw)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name,dtype", PARITY)
-def test_interpret_kernel_matches_reference(name, dtype):
+def test_interpret_kernel_matches_reference(name, dtype, layout):
   case = CASES[name]
-  _, args = make_inputs(case, jnp.dtype(dtype))
+  _, args = make_inputs(case, jnp.dtype(dtype), layout=layout)
+  assert args[1].ndim == (3 if layout == "shared" else 4)
   out = run(args, "interpret", case)
   ref = run(args, "reference")
   assert out.shape == ref.shape == args[0].shape and out.dtype == ref.dtype == args[0].dtype
@@ -160,10 +199,11 @@ def test_interpret_kernel_matches_reference(name, dtype):
     assert rel_l2 <= BF16_REL_L2, rel_l2
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_reference_matches_dense_oracle(name):
+def test_reference_matches_dense_oracle(name, layout):
   case = CASES[name]
-  q_model, args = make_inputs(case, jnp.float32, seed=1)
+  q_model, args = make_inputs(case, jnp.float32, seed=1, layout=layout)
   ref = head_sparse_attention_reference(*args)
   got = np.asarray(unpack_outputs(ref, case.num_tokens, q_model.shape[2]))
   want = dense_oracle(q_model, args, case.group)
@@ -183,6 +223,36 @@ def test_reference_matches_jax_dot_product_attention():
   v = jnp.concatenate([v_pages[h, pages].reshape(-1, case.head_dim)[:n], v_new[b, h, :new_len[b]]])
   want = jax.nn.dot_product_attention(q[b, h][None, :, None], k[None, :, None], v[None, :, None])
   np.testing.assert_allclose(np.asarray(ref[b, h]), np.asarray(want[0, :, 0]), atol=F32_MAX_ABS)
+
+
+def test_shared_pool_heads_interleave():
+  """The shared-layout fixture mixes heads' pages in one space (not head-major in disguise)."""
+  _, args = make_inputs(CASES["ragged_mha"], jnp.float32, layout="shared")
+  k_pages, page_table, kv_len = args[1], np.asarray(args[3]), np.asarray(args[4])
+  assert k_pages.ndim == 3 and np.isnan(np.asarray(k_pages[0])).all()
+  owner = {}
+  for b, h in np.ndindex(*kv_len.shape):
+    for p in page_table[b, h, :-(-kv_len[b, h] // k_pages.shape[1])]:
+      assert owner.setdefault(int(p), (b, h)) == (b, h), "page owned by two (request, head)s"
+  heads = [owner[p][1] for p in sorted(owner)]
+  assert len(set(heads)) > 1 and any(x != y for x, y in zip(heads, heads[1:]))
+  assert sorted(heads) != heads                             # not grouped head by head
+
+
+@pytest.mark.parametrize("impl", ["interpret", "reference"])
+def test_shared_layout_matches_head_major(impl):
+  """The same logical cache laid out both ways gives the same output."""
+  case = CASES["gqa7_extra_row"]
+  _, args = make_inputs(case, jnp.float32, seed=3)
+  np.testing.assert_allclose(np.asarray(run(to_shared(args), impl, case)),
+                             np.asarray(run(args, impl, case)), rtol=0, atol=F32_MAX_ABS)
+
+
+def test_auto_dispatch_on_this_backend():
+  _, args = make_inputs(CASES["exact_pages"], jnp.float32)
+  expected = "interpret" if jax.default_backend() == "gpu" else "reference"   # pallas ~ interpret
+  np.testing.assert_allclose(np.asarray(run(args, "auto")), np.asarray(run(args, expected)),
+                             atol=F32_MAX_ABS)
 
 
 def test_empty_request_outputs_zeros():
@@ -252,7 +322,8 @@ def _replace(args, index, value):
     (5, jnp.zeros((3, 4, 16, 32)), r"k_new .*: batch = 3"),
     (6, jnp.zeros((2, 4, 8, 32)), r"v_new .* must have the shape of k_new"),
     (7, jnp.zeros((2,), jnp.uint32), r"new_len dtype must be int32"),
-    (5, jnp.zeros((2, 4, 16, 32), jnp.bfloat16), r"k_new dtype bfloat16 must equal q dtype float32"),
+    (5, jnp.zeros((2, 4, 16, 32), jnp.bfloat16),
+     r"k_new dtype bfloat16 must equal q dtype float32"),
 ])
 def test_validation_errors(index, value, match):
   args = _good_args()
@@ -262,6 +333,26 @@ def test_validation_errors(index, value, match):
     args = _replace(args, 6, value)
   with pytest.raises(ValueError, match=match):
     head_sparse_attention(*_replace(args, index, value), impl="reference")
+
+
+@pytest.mark.parametrize("k_pages,v_pages,match", [
+    ((9, 16, 64), (9, 16, 64), r"k_pages \(9, 16, 64\): head dim = 64 .* q \(2, 4, 16, 32\)"),
+    ((9, 16, 32), (9, 32, 32), r"v_pages \(9, 32, 32\) must have the shape of k_pages \(9, 16,"),
+    ((9, 16, 32), (4, 9, 16, 32), r"v_pages \(4, 9, 16, 32\) must have the shape of k_pages"),
+    ((16, 32), (16, 32), r"k_pages must be \[P, S, D\] .*rank 3.* or \[Hkv, P, S, D\].*\(16, 32\)"),
+    ((1, 4, 9, 16, 32), (1, 4, 9, 16, 32), r"k_pages must be \[P, S, D\].*\(1, 4, 9, 16, 32\)"),
+])
+def test_shared_pool_validation_errors(k_pages, v_pages, match):
+  args = make_inputs(CASES["ragged_mha"], jnp.float32, layout="shared")[1]
+  args = _replace(_replace(args, 1, jnp.zeros(k_pages)), 2, jnp.zeros(v_pages))
+  with pytest.raises(ValueError, match=match):
+    head_sparse_attention(*args, impl="reference")
+
+
+def test_shared_pool_kernel_only_validation():
+  args = make_inputs(CASES["ragged_mha"], jnp.float32, layout="shared")[1]
+  with pytest.raises(ValueError, match=r"block_k=32 must divide the page size S=16 \(k_pages \("):
+    head_sparse_attention(*args, impl="interpret", block_k=32)
 
 
 def test_kernel_only_validation():

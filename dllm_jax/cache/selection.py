@@ -97,6 +97,7 @@ def adaptive_budgets(scores, valid, total, num_candidates):
   spare = jnp.maximum(total - hkv, 0).astype(jnp.float32)
   b = 1 + jnp.floor(share * spare).astype(jnp.int32)
   b = jnp.minimum(b, num_candidates)
+  b = jnp.where(total >= hkv * num_candidates, num_candidates, b)  # keep-all stays keep-all
   return jnp.where(num_candidates > 0, b, 0)
 
 

@@ -1,12 +1,17 @@
 """Pallas (Triton-style) head-sparse paged attention kernel for the Reuse phase.
 
-One program per (request b, KV head h, q tile i). It walks the (b, h) page table in `block_k`-token
-sub-blocks of a page (scalar page id + `pl.ds` offset, pallas-gpu-notes.md §5.8), then attends to the
-block's fresh K/V, all inside one f32 online softmax.
+One program per (request b, KV head h, q tile i). It attends to the block's fresh K/V, then walks
+the (b, h) page table in `block_k`-token sub-blocks of a page (scalar page id + `pl.ds` offset,
+pallas-gpu-notes.md §5.8), all inside one f32 online softmax.
+
+Two pool layouts, told apart by rank (ops.py explains when to use which): head-major
+`[Hkv, P, S, D]`, where the BlockSpec hands program (b, h, i) head h's own `[P, S, D]` page space,
+and shared `[P, S, D]`, where every program sees the whole page space and (b, h)'s page ids index it
+directly. Either way the kernel body sees a `[P, S, D]` ref and indexes it the same way.
 
 No argument validation here (ops.py does it), so the lowering tests can feed bad shapes straight in.
-Triton rules this code keeps (notes §4): every loaded/computed array has a power-of-two element count,
-one combined indexer per ref access, `lax.div` instead of `%` on loop indices, 2-D dots only.
+Triton rules this code keeps (notes §4): every loaded/computed array has a power-of-two element
+count, one combined indexer per ref access, `lax.div` instead of `%` on loop indices, 2-D dots.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ def _attend(state, q, k, v, valid, scale, precision):
 
 def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref, o_ref,
             *, block_k: int, scale: float, num_fresh: int):
-  """Refs: q [bq, D]; k/v pool [P, S, D] of this head; page table [MP]; kv_len, new_len 0-d;
-  fresh k/v [Lf, D] (Lf = padded num_fresh); out [bq, D]."""
+  """Refs: q [bq, D]; k/v pool [P, S, D] (this head's, or the shared one); page table [MP];
+  kv_len, new_len 0-d; fresh k/v [Lf, D] (Lf = padded num_fresh); out [bq, D]."""
   rows, head_dim = q_ref.shape
   page_size = k_ref.shape[1]
   max_pages = pt_ref.shape[0]
@@ -105,12 +110,13 @@ def head_sparse_attention_kernel(
 ) -> jax.Array:
   """pallas_call wrapper (unvalidated; use ops.head_sparse_attention).
 
-  q [B, Hkv, QB, D]; k_pages, v_pages [Hkv, P, S, D]; page_table [B, Hkv, MP] int32;
-  kv_len [B, Hkv] int32; k_new, v_new [B, Hkv, Ln, D]; new_len [B] int32 -> [B, Hkv, QB, D].
+  q [B, Hkv, QB, D]; k_pages, v_pages [Hkv, P, S, D] (head-major) or [P, S, D] (shared page
+  space); page_table [B, Hkv, MP] int32; kv_len [B, Hkv] int32; k_new, v_new [B, Hkv, Ln, D];
+  new_len [B] int32 -> [B, Hkv, QB, D].
   Grid (B, Hkv, QB // block_q). Fresh rows are zero-padded to a power of two >= 16 here.
   """
   batch, num_kv_heads, q_rows, head_dim = q.shape
-  _, num_pages, page_size, _ = k_pages.shape
+  num_pages, page_size = k_pages.shape[-3:-1]
   max_pages = page_table.shape[-1]
   num_fresh = k_new.shape[2]
   block_q = q_rows if block_q is None else block_q
@@ -124,7 +130,11 @@ def head_sparse_attention_kernel(
   # Without Triton params jax 0.10 silently picks Mosaic GPU on a GPU (notes §8.6).
   assert isinstance(params, pltr.CompilerParams), params
 
-  pool_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda b, h, i: (h, 0, 0, 0))
+  if k_pages.ndim == 3:                                  # shared page space: whole pool, all heads
+    pool_spec = pl.BlockSpec((num_pages, page_size, head_dim), lambda b, h, i: (0, 0, 0))
+  else:                                                 # head-major: head h's own page space
+    pool_spec = pl.BlockSpec((None, num_pages, page_size, head_dim),
+                             lambda b, h, i: (h, 0, 0, 0))
   fresh_spec = pl.BlockSpec((None, None, fresh_rows, head_dim), lambda b, h, i: (b, h, 0, 0))
   q_spec = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i: (b, h, i, 0))
   kernel = functools.partial(_kernel, block_k=block_k, scale=float(scale), num_fresh=num_fresh)
@@ -134,7 +144,7 @@ def head_sparse_attention_kernel(
       grid=(batch, num_kv_heads, q_rows // block_q),
       in_specs=[
           q_spec,
-          pool_spec,                                                     # whole per-head pool:
+          pool_spec,                                                     # whole [P, S, D] pool:
           pool_spec,                                                     # pointer arithmetic only
           pl.BlockSpec((None, None, max_pages), lambda b, h, i: (b, h, 0)),
           pl.BlockSpec((None, None), lambda b, h, i: (b, h)),

@@ -1,36 +1,56 @@
 """Head-centric sparse paged attention for the Reuse phase (one layer, whole batch).
 
-During Reuse the queries are the current block's tokens. Each one attends to the block's fresh K/V plus
-the sparse K/V cached for its KV head at the block's selection step (dllm-serve-spec.md §3). Every
-(request, KV head) has its own cached token set and length (head-adaptive budgets), kept in a paged pool.
+During Reuse the queries are the current block's tokens. Each one attends to the block's fresh K/V
+plus the sparse K/V cached for its KV head at the block's selection step (dllm-serve-spec.md §3).
+Every (request, KV head) has its own cached token set and length (head-adaptive budgets), kept in a
+paged pool.
 
 Shapes (B requests, Hkv KV heads, G = Hq // Hkv query heads per KV head, D head dim):
 
-  q           [B, Hkv, QB, D]   query rows of KV head h's GQA group, group-major:
-                                row g*Lq + t = query head h*G + g at block token t; rows past G*Lq are
-                                padding (any values; their outputs are meaningless). Build it with
-                                `pack_queries`, read results back with `unpack_outputs`.
-  k_pages,    [Hkv, P, S, D]    paged pool, head-major. Page 0 is a dummy page for unused table entries
-  v_pages                       and may hold garbage (even NaN). Pages of one head are private to it.
-  page_table  [B, Hkv, MP] i32  pages of (b, h) in token order; unused entries = 0.
-  kv_len      [B, Hkv] i32      valid cached tokens of (b, h); any value in [0, MP*S] (0 = none, need not
-                                be a multiple of S). Cached token t lives at page_table[b, h, t // S],
-                                offset t % S. Values outside the range are clamped.
-  k_new,      [B, Hkv, Ln, D]   fresh K/V of the block (post-RoPE). Rows >= new_len[b] are padding (may
-  v_new                         be garbage). Ln need not equal Lq: e.g. Dream's extra query-only row has
-                                its K/V already in the cache and no fresh row.
-  new_len     [B] i32           valid fresh rows per request, clamped to [0, Ln].
-  -> out      [B, Hkv, QB, D]   dtype of q.
+  q           [B, Hkv, QB, D]  query rows of KV head h's GQA group, group-major: row g*Lq + t is
+                               query head h*G + g at block token t. Rows past G*Lq are padding (any
+                               values; their outputs are meaningless). Build q with `pack_queries`,
+                               read results back with `unpack_outputs`.
+  k_pages,    [P, S, D]        paged pool, one of two layouts (below), told apart by rank. A page
+  v_pages  or [Hkv, P, S, D]   holds S tokens of ONE (request, KV head). Page 0 is a dummy page for
+                               unused table entries and may hold garbage (even NaN).
+  page_table  [B, Hkv, MP] i32 pages of (b, h) in token order, ids in [0, P); unused entries = 0.
+  kv_len      [B, Hkv] i32     valid cached tokens of (b, h), in [0, MP*S]: may be 0 and need not be
+                               a multiple of S. Cached token t is in page page_table[b, h, t // S]
+                               at offset t % S. Values outside the range are clamped.
+  k_new,      [B, Hkv, Ln, D]  fresh K/V of the block (post-RoPE). Rows >= new_len[b] are padding
+  v_new                        (may be garbage). Ln need not equal Lq: e.g. Dream's extra
+                               query-only row has its K/V in the cache already, not in k_new.
+  new_len     [B] i32          valid fresh rows per request, clamped to [0, Ln].
+  -> out      [B, Hkv, QB, D]  dtype of q.
 
-Every query row of (b, h) attends, non-causally, to the valid cached tokens of (b, h) and the valid fresh
-rows of b, with softmax(q.k * scale), scale = 1/sqrt(D) unless given, computed in f32. A row with no valid
-key gets zeros. All inputs must share one floating dtype (bf16 or f32).
+Pool layouts (same kernel body; only the BlockSpec differs):
+
+  shared      [P, S, D]        one page space for all KV heads: page ids are global and (b, h)'s
+                               table entries index it directly (token t at
+                               k_pages[page_table[b, h, t // S], t % S]). Pages of different heads
+                               interleave freely, so one free list serves every head and a request's
+                               page reservation can be split unevenly among its heads (head-adaptive
+                               budgets without per-head pools). The engine's layout: its per-layer
+                               pool [L, P, S, D] is passed as pool[layer].
+  head-major  [Hkv, P, S, D]   each KV head has its own page space: (b, h)'s ids index k_pages[h]
+                               (token t at k_pages[h, page_table[b, h, t // S], t % S]). Needs a
+                               free list per head and P pages in every head's space, so it suits
+                               uniform or separately managed per-head budgets.
+
+Page ids are traced, so nothing checks them: an id outside [0, P) silently reads some other page
+under the reference or the interpreter, and out-of-bounds memory on a GPU.
+
+Every query row of (b, h) attends, non-causally, to the valid cached tokens of (b, h) and the valid
+fresh rows of b, with softmax(q.k * scale) in f32, scale = 1/sqrt(D) unless given. A row with no
+valid key gets zeros. All float inputs must share one dtype (bf16 or f32).
 
 Implementations (`impl`): "auto" -> the Pallas kernel on a GPU, the jnp reference elsewhere;
 "pallas"; "interpret" (the Pallas kernel under the CPU interpreter, for tests); "reference".
-The kernel needs QB, D, S and the tile sizes to be powers of two >= 16 (Triton); it pads Ln itself.
-Tuning knobs (static): block_k (cached tokens per step, divides S; default min(S, 64)), block_q (q rows
-per program; default min(QB, 64)), num_warps, num_stages (pallas-gpu-notes.md §0).
+The kernel needs QB, D and the tile sizes to be powers of two >= 16 (Triton); it pads Ln itself.
+Static tuning knobs: block_k (cached tokens per step, must divide S; default min(S, 64)), block_q
+(q rows per program, grid (B, Hkv, QB // block_q); default min(QB, 64)), num_warps, num_stages
+(pallas-gpu-notes.md §0).
 """
 
 from __future__ import annotations
@@ -54,7 +74,7 @@ DEFAULT_BLOCK_Q = 64
 
 
 def query_rows(num_tokens: int, group: int) -> int:
-  """QB for `num_tokens` block tokens and `group` query heads per KV head: pow2 >= max(16, G*Lq)."""
+  """QB for `num_tokens` block tokens, `group` query heads per KV head: pow2 >= max(16, G*Lq)."""
   return padded_rows(num_tokens * group)
 
 
@@ -99,13 +119,16 @@ def _check_rank(name: str, x, rank: int, layout: str) -> None:
 
 def _check_dim(name: str, x, axis: int, expected: int, what: str, ref: str) -> None:
   if x.shape[axis] != expected:
-    raise ValueError(f"{name} {x.shape}: {what} = {x.shape[axis]} does not match {ref} ({expected})")
+    raise ValueError(
+        f"{name} {x.shape}: {what} = {x.shape[axis]} does not match {ref} ({expected})")
 
 
 def _validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len) -> None:
   """Shape/dtype checks shared by every impl; raises ValueError naming the argument."""
   _check_rank("q", q, 4, "[B, Hkv, QB, D]")
-  _check_rank("k_pages", k_pages, 4, "[Hkv, P, S, D]")
+  if k_pages.ndim not in (3, 4):
+    raise ValueError(f"k_pages must be [P, S, D] (shared page space, rank 3) or [Hkv, P, S, D] "
+                     f"(head-major, rank 4), got shape {k_pages.shape}")
   _check_rank("page_table", page_table, 3, "[B, Hkv, MP]")
   _check_rank("kv_len", kv_len, 2, "[B, Hkv]")
   _check_rank("k_new", k_new, 4, "[B, Hkv, Ln, D]")
@@ -120,11 +143,13 @@ def _validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len) ->
   for name, x, axis in (("page_table", page_table, 0), ("kv_len", kv_len, 0),
                         ("k_new", k_new, 0), ("new_len", new_len, 0)):
     _check_dim(name, x, axis, batch, "batch", ref)
-  for name, x, axis in (("k_pages", k_pages, 0), ("page_table", page_table, 1),
-                        ("kv_len", kv_len, 1), ("k_new", k_new, 1)):
+  head_checks = (("page_table", page_table, 1), ("kv_len", kv_len, 1), ("k_new", k_new, 1))
+  if k_pages.ndim == 4:                                 # head-major; a shared pool has no head axis
+    head_checks = (("k_pages", k_pages, 0),) + head_checks
+  for name, x, axis in head_checks:
     _check_dim(name, x, axis, num_kv_heads, "KV heads", ref)
   for name, x in (("k_pages", k_pages), ("k_new", k_new)):
-    _check_dim(name, x, 3, head_dim, "head dim", ref)
+    _check_dim(name, x, x.ndim - 1, head_dim, "head dim", ref)
 
   if not jnp.issubdtype(q.dtype, jnp.floating):
     raise ValueError(f"q dtype must be floating, got {q.dtype}")
@@ -145,7 +170,7 @@ def _check_pow2(name: str, value: int, context: str) -> None:
 def _kernel_tiles(q, k_pages, block_k, block_q) -> tuple[int, int]:
   """Resolve and check the kernel's tile sizes (Triton: power-of-two shapes, dots >= 16)."""
   q_rows, head_dim = q.shape[2], q.shape[3]
-  page_size = k_pages.shape[2]
+  page_size = k_pages.shape[-2]
   _check_pow2("q rows (QB)", q_rows, f"q {q.shape}; pad with pack_queries/query_rows")
   _check_pow2("head dim D", head_dim, f"q {q.shape}")
   block_k = min(page_size, DEFAULT_BLOCK_K) if block_k is None else block_k
@@ -182,8 +207,9 @@ def head_sparse_attention(
 ) -> jax.Array:
   """Reuse-phase attention over sparse paged + fresh K/V; see the module docstring.
 
-  q [B, Hkv, QB, D]; k_pages, v_pages [Hkv, P, S, D]; page_table [B, Hkv, MP] int32;
-  kv_len [B, Hkv] int32; k_new, v_new [B, Hkv, Ln, D]; new_len [B] int32 -> [B, Hkv, QB, D].
+  q [B, Hkv, QB, D]; k_pages, v_pages [P, S, D] (shared page space) or [Hkv, P, S, D]
+  (head-major); page_table [B, Hkv, MP] int32; kv_len [B, Hkv] int32; k_new, v_new
+  [B, Hkv, Ln, D]; new_len [B] int32 -> [B, Hkv, QB, D].
   """
   _validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len)
   impl = resolve_impl(impl)

@@ -1,0 +1,129 @@
+"""Fused LM head: validated API and dispatch (Pallas kernel on GPU, jnp reference elsewhere).
+
+  fused_lm_head(hidden [R, d], head [d, V], temperature [R], seed [R], step [R], position [R])
+    -> FusedOut(token int32 [R], confidence f32 [R], margin [R]|None, entropy [R]|None)
+
+Semantics (dllm_jax/logits/variants.py): clean logits l = hidden @ head in f32; token = argmax of
+l + T*gumbel(seed, step, position, token id), ties to the lowest id; confidence = softmax(l)[token];
+margin = p1 - p2 of softmax(l); entropy = sum p log p.
+
+``chunk_rows`` / ``vocab_tile`` size the jnp reference (its live tile is [chunk_rows, vocab_tile]
+f32: that is what the budgeter plans). The kernel keeps its tile on chip, so it has its own
+``block_rows`` / ``block_vocab`` / ``block_k`` (powers of two, Triton-sized) and its XLA
+temporaries are only the [vocab_splits, R] partials.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.common import is_power_of_two, resolve_impl
+from pallas_kernels.fused_lm_head import kernel as _kernel
+from pallas_kernels.fused_lm_head.reference import finalize, fused_lm_head_reference, reduce_stats
+
+# Kernel defaults: a 64 x 128 f32 logit tile (32 KiB of registers over 4 warps), K chunks of 64.
+BLOCK_ROWS = 64
+BLOCK_VOCAB = 128
+BLOCK_K = 64
+# Aim for about this many programs when choosing vocab_splits automatically (H100: 132 SMs).
+TARGET_PROGRAMS = 264
+
+
+class FusedOut(NamedTuple):
+  token: jax.Array
+  confidence: jax.Array
+  margin: jax.Array | None
+  entropy: jax.Array | None
+
+
+def _pow2_floor(n: int) -> int:
+  return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def kernel_blocks(r: int, d: int, v: int, block_rows: int = BLOCK_ROWS,
+                  block_vocab: int = BLOCK_VOCAB, block_k: int = BLOCK_K,
+                  vocab_splits: int | None = None) -> tuple[int, int, int, int]:
+  """Clamp the kernel's block sizes to the problem: (block_rows, block_vocab, block_k, splits).
+
+  block_vocab <= V and block_k <= d (the ragged tails are read at clamped starts); block_rows is
+  not shrunk below 16 (tl.dot minimum) except for tiny R. ``vocab_splits=None`` picks enough
+  splits for about TARGET_PROGRAMS programs.
+  """
+  for name, x in (("block_rows", block_rows), ("block_vocab", block_vocab),
+                  ("block_k", block_k)):
+    if not is_power_of_two(x):
+      raise ValueError(f"{name}: must be a power of two (Triton), got {x}")
+  c = block_rows
+  while c > 16 and c // 2 >= r:  # few rows: smaller blocks, less padding
+    c //= 2
+  tv = min(block_vocab, _pow2_floor(v))
+  bk = min(block_k, _pow2_floor(d))
+  num_tiles = -(-v // tv)
+  row_programs = -(-r // c)
+  if vocab_splits is None:
+    vocab_splits = max(1, min(num_tiles, TARGET_PROGRAMS // row_programs))
+  if vocab_splits < 1:
+    raise ValueError(f"vocab_splits: must be >= 1, got {vocab_splits}")
+  return c, tv, bk, min(vocab_splits, num_tiles)
+
+
+def _check(hidden, head, temperature, seed, step, position):
+  if hidden.ndim != 2 or head.ndim != 2:
+    raise ValueError(f"hidden must be [R, d] and head [d, V]; got {hidden.shape}, {head.shape}")
+  r, d = hidden.shape
+  if head.shape[0] != d:
+    raise ValueError(f"head: expected [d={d}, V], got {head.shape}")
+  if not jnp.issubdtype(head.dtype, jnp.floating):
+    raise ValueError(f"head: expected a float dtype, got {head.dtype}")
+  for name, x in (("temperature", temperature), ("seed", seed), ("step", step),
+                  ("position", position)):
+    if x.shape != (r,):
+      raise ValueError(f"{name}: expected shape ({r},), got {x.shape}")
+  if r == 0:
+    raise ValueError("hidden: R must be >= 1")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "chunk_rows", "vocab_tile", "want_margin", "want_entropy", "impl", "block_rows",
+    "block_vocab", "block_k", "vocab_splits", "num_warps", "num_stages"))
+def fused_lm_head(hidden, head, temperature, seed, step, position, *, chunk_rows: int = 1024,
+                  vocab_tile: int = 8192, want_margin: bool = False, want_entropy: bool = False,
+                  impl: str = "auto", block_rows: int = BLOCK_ROWS,
+                  block_vocab: int = BLOCK_VOCAB, block_k: int = BLOCK_K,
+                  vocab_splits: int | None = None, num_warps: int = 4,
+                  num_stages: int = 2) -> FusedOut:
+  """See the module docstring. ``impl``: auto | pallas | interpret | reference.
+
+  ``hidden`` is cast to ``head.dtype`` (casting the head would copy it). seed may be int32 or
+  uint32 (taken as its 32 bits).
+  """
+  _check(hidden, head, temperature, seed, step, position)
+  if chunk_rows < 1 or vocab_tile < 1:
+    raise ValueError(f"chunk_rows / vocab_tile must be >= 1, got {chunk_rows}, {vocab_tile}")
+  impl = resolve_impl(impl)
+  hidden = hidden.astype(head.dtype)
+  temperature = temperature.astype(jnp.float32)
+  seed = seed.astype(jnp.uint32)
+  step = step.astype(jnp.int32)
+  position = position.astype(jnp.int32)
+  if impl == "reference":
+    return FusedOut(*fused_lm_head_reference(
+        hidden, head, temperature, seed, step, position, chunk_rows=chunk_rows,
+        vocab_tile=vocab_tile, want_margin=want_margin, want_entropy=want_entropy))
+  r, d = hidden.shape
+  v = head.shape[1]
+  c, tv, bk, s = kernel_blocks(r, d, v, block_rows, block_vocab, block_k, vocab_splits)
+  rp = -(-r // c) * c
+  pad = lambda x: x if rp == r else jnp.pad(x, [(0, rp - r)] + [(0, 0)] * (x.ndim - 1))
+  parts = _kernel.fused_lm_head_partials(
+      pad(hidden), head, pad(temperature), pad(seed), pad(step), pad(position), block_rows=c,
+      block_vocab=tv, block_k=bk, vocab_splits=s, want_margin=want_margin,
+      want_entropy=want_entropy, num_warps=num_warps, num_stages=num_stages,
+      interpret=impl == "interpret")
+  st = reduce_stats(parts)
+  st = type(st)(*(x[:r] for x in st))
+  return FusedOut(*finalize(st, want_margin, want_entropy))

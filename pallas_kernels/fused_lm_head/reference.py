@@ -1,0 +1,249 @@
+"""Pure-jnp fused LM head: (token, confidence, margin, entropy) per row without [R, V] logits.
+
+The online statistics below are shared by this reference, the monolithic variants in
+``dllm_jax/logits/variants.py`` and the Pallas kernel (they use only ops the Triton lowering
+accepts: 1-D iota, max/min/sum/argmax reductions, where, exp, log, uint32 hashing).
+
+Per row, over the columns seen so far (clean logits ``l``, noisy scores ``s = l + T*g``):
+
+  m   running max of l               se  sum exp(l - m)         ae  sum exp(l - m) * (l - m)
+  t1  top-1 clean logit (== m)       t2  top-2 clean logit (a repeated max counts twice)
+  bs  best noisy score               bi  its token id (ties: lowest id)   bl  its clean logit
+
+``ae`` is the centred form of "sum e^(l-m) l": it keeps the entropy accurate when |l| is large.
+Finalising: lse = m + log se, confidence = exp(bl - lse), margin = exp(t1 - lse) - exp(t2 - lse),
+entropy_conf = sum p log p = ae / se - log se. se >= 1 always (the max contributes 1), so no NaN.
+
+Masked columns hold ``MASK_VALUE`` (large, finite): exp(MASK - m) == 0 and 0 * (MASK - m) == 0,
+where -inf would give NaN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dllm_jax.decoding import noise
+from pallas_kernels.common import MASK_VALUE
+
+_BIG_ID = 2**31 - 1  # "no token" in min-reductions over ids
+
+
+class Stats(NamedTuple):
+  """Online softmax / noisy-argmax state; every field is [rows] (or [splits, rows])."""
+
+  m: jax.Array   # f32 running max clean logit
+  se: jax.Array  # f32 sum exp(l - m)
+  ae: jax.Array  # f32 sum exp(l - m) (l - m); zeros unless entropy is wanted
+  t1: jax.Array  # f32 top-1 clean logit
+  t2: jax.Array  # f32 top-2 clean logit; MASK_VALUE unless margin is wanted
+  bs: jax.Array  # f32 best noisy score
+  bi: jax.Array  # int32 token id of the best noisy score
+  bl: jax.Array  # f32 clean logit of that token
+
+
+def init_stats(rows: int) -> Stats:
+  neg = jnp.full((rows,), MASK_VALUE, jnp.float32)
+  zero = jnp.zeros((rows,), jnp.float32)
+  return Stats(neg, zero, zero, neg, neg, neg, jnp.zeros((rows,), jnp.int32), neg)
+
+
+def _pick(l, idx, local, in_kernel):
+  """l[r, idx[r]] for a [C, T] value. Triton cannot gather from a value, so mask-and-max there."""
+  if in_kernel:
+    return jnp.max(jnp.where(local[None, :] == idx[:, None], l, MASK_VALUE), axis=1)
+  return jnp.take_along_axis(l, idx[:, None], axis=1)[:, 0]
+
+
+# XLA paths use one variadic reduction for quantities that share a [C, T] producer: with two
+# plain reductions XLA:CPU materialises the shared exp / select as a [C, T] temp (measured: 3-4x
+# the logits for rows with margin + entropy).
+def _sum2(a, b):
+  """(sum a, sum b) over axis 1 in one pass."""
+  zero = jnp.float32(0)
+  return lax.reduce((a, b), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]), (1,))
+
+
+def _second_max(l):
+  """Second largest value per row over axis 1 (a repeated maximum counts twice), one pass."""
+  neg = jnp.float32(MASK_VALUE)
+
+  def top2(x, y):
+    return jnp.maximum(x[0], y[0]), jnp.maximum(jnp.minimum(x[0], y[0]), jnp.maximum(x[1], y[1]))
+
+  return lax.reduce((l, jnp.full_like(l, neg)), (neg, neg), top2, (1,))[1]
+
+
+def tile_stats(l, start, lo, temperature, seed, step, position, *, hot, want_margin=False,
+               want_entropy=False, in_kernel=False) -> Stats:
+  """Statistics of one logit tile.
+
+  l: [C, T] f32 clean logits of token ids start .. start+T-1 (``start`` an int32 scalar).
+  lo: columns with id < lo are masked (already seen in the previous tile: the ragged last tile
+    is loaded at a clamped start); None = no masking.
+  temperature [C] f32, seed [C] uint32, step [C] int32, position [C] int32.
+  hot: Python bool (static) or a traced bool scalar; False means every T == 0, so the noise is
+    skipped (l + 0*g == l, so the result is the same either way).
+  """
+  c, t = l.shape
+  local = jnp.arange(t, dtype=jnp.int32)
+  if lo is not None:
+    valid = (start + local) >= lo
+    l = jnp.where(valid[None, :], l, MASK_VALUE)
+  m = jnp.max(l, axis=1)
+  lm = l - m[:, None]
+  e = jnp.exp(lm)
+  if want_entropy and not in_kernel:
+    se, ae = _sum2(e, e * lm)
+  elif want_entropy:
+    se, ae = jnp.sum(e, axis=1), jnp.sum(e * lm, axis=1)
+  else:
+    se, ae = jnp.sum(e, axis=1), jnp.zeros_like(m)
+  if want_margin and not in_kernel:
+    t2 = _second_max(l)
+  elif want_margin:  # Triton has no variadic reduce: mask the first maximum, take the max again
+    i1 = jnp.argmax(l, axis=1).astype(jnp.int32)
+    t2 = jnp.max(jnp.where(local[None, :] == i1[:, None], MASK_VALUE, l), axis=1)
+  else:
+    t2 = jnp.full_like(m, MASK_VALUE)
+
+  def best(noisy: bool):
+    if noisy:
+      g = noise.gumbel(seed[:, None], step[:, None], position[:, None], (start + local)[None, :])
+      s = l + temperature[:, None] * g
+      if lo is not None:
+        s = jnp.where(valid[None, :], s, MASK_VALUE)
+    else:
+      s = l
+    i = jnp.argmax(s, axis=1).astype(jnp.int32)  # first maximum: ties -> lowest id
+    bl = _pick(l, i, local, in_kernel)
+    # Recompute the winner's score on [C] instead of gathering from s: s then has one consumer
+    # (the argmax), so XLA fuses it away instead of materialising [C, T].
+    bs = bl + temperature * noise.gumbel(seed, step, position, start + i) if noisy else bl
+    return bs, start + i, bl
+
+  if isinstance(hot, bool):
+    bs, bi, bl = best(hot)
+  else:
+    bs, bi, bl = lax.cond(hot, lambda: best(True), lambda: best(False))
+  return Stats(m, se, ae, m, t2, bs, bi.astype(jnp.int32), bl)
+
+
+def merge(a: Stats, b: Stats) -> Stats:
+  """Combine the statistics of two disjoint column sets (elementwise over rows)."""
+  m = jnp.maximum(a.m, b.m)
+  da, db = a.m - m, b.m - m
+  ca, cb = jnp.exp(da), jnp.exp(db)
+  se = ca * a.se + cb * b.se
+  ae = ca * (a.ae + da * a.se) + cb * (b.ae + db * b.se)
+  t1 = jnp.maximum(a.t1, b.t1)
+  t2 = jnp.maximum(jnp.minimum(a.t1, b.t1), jnp.maximum(a.t2, b.t2))
+  take_b = (b.bs > a.bs) | ((b.bs == a.bs) & (b.bi < a.bi))
+  bs = jnp.where(take_b, b.bs, a.bs)
+  bi = jnp.where(take_b, b.bi, a.bi)
+  bl = jnp.where(take_b, b.bl, a.bl)
+  return Stats(m, se, ae, t1, t2, bs, bi, bl)
+
+
+def reduce_stats(st: Stats) -> Stats:
+  """Merge partial statistics along axis 0 ([S, R] -> [R]); same result as folding ``merge``."""
+  m = jnp.max(st.m, axis=0)
+  dm = st.m - m[None]
+  c = jnp.exp(dm)
+  se = jnp.sum(c * st.se, axis=0)
+  ae = jnp.sum(c * (st.ae + dm * st.se), axis=0)
+  t1 = jnp.max(st.t1, axis=0)
+  k1 = jnp.argmax(st.t1, axis=0)
+  split = jnp.arange(st.m.shape[0])[:, None]
+  t2 = jnp.maximum(jnp.max(jnp.where(split == k1[None], MASK_VALUE, st.t1), axis=0),
+                   jnp.max(st.t2, axis=0))
+  bs = jnp.max(st.bs, axis=0)
+  cand = st.bs == bs[None]
+  bi = jnp.min(jnp.where(cand, st.bi, _BIG_ID), axis=0)
+  bl = jnp.max(jnp.where(cand & (st.bi == bi[None]), st.bl, MASK_VALUE), axis=0)
+  return Stats(m, se, ae, t1, t2, bs, bi.astype(jnp.int32), bl)
+
+
+def finalize(st: Stats, want_margin=False, want_entropy=False):
+  """-> (token int32 [R], confidence f32 [R], margin [R] or None, entropy_conf [R] or None)."""
+  log_se = jnp.log(st.se)
+  lse = st.m + log_se
+  conf = jnp.exp(st.bl - lse)
+  margin = jnp.exp(st.t1 - lse) - jnp.exp(st.t2 - lse) if want_margin else None
+  entropy = st.ae / st.se - log_se if want_entropy else None
+  return st.bi, conf, margin, entropy
+
+
+def logits_stats(logits, temperature, seed, step, position, *, want_margin=False,
+                 want_entropy=False) -> Stats:
+  """Statistics of full [R, V] logits (the monolithic variants)."""
+  return tile_stats(logits, jnp.int32(0), None, temperature, seed, step, position,
+                    hot=jnp.any(temperature > 0), want_margin=want_margin,
+                    want_entropy=want_entropy)
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _pad_rows(x, rows: int):
+  return x if x.shape[0] == rows else jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _slice_cols(head, start, width):
+  """head[:, start:start+width] for a traced start, inside a loop body.
+
+  The barrier ties the head to the loop-variant start so XLA cannot hoist a dtype conversion
+  of the whole head out of the loop: XLA:CPU upcasts bf16 GEMM operands and otherwise converts
+  the entire head to f32 before the loop (a 2 GiB temp at LLaDA size, measured). On GPU the
+  barrier is a no-op.
+  """
+  head, start = lax.optimization_barrier((head, start))
+  return lax.dynamic_slice_in_dim(head, start, width, axis=1)
+
+
+def fused_lm_head_reference(hidden, head, temperature, seed, step, position, *, chunk_rows: int,
+                            vocab_tile: int, want_margin: bool = False,
+                            want_entropy: bool = False):
+  """Vocab-tiled decode in plain jnp: at most one [chunk_rows, vocab_tile] f32 tile live.
+
+  hidden [R, d], head [d, V] (same dtype; the matmul accumulates in f32), per-row
+  temperature/seed/step/position [R]. Rows are padded to a multiple of chunk_rows (zero rows,
+  T = 0; sliced off). The ragged last vocab tile is read at a clamped start with the overlap
+  masked, so nothing is padded or read out of bounds (V >= vocab_tile after clamping).
+  Returns (token, confidence, margin|None, entropy|None), each [R].
+  """
+  r, d = hidden.shape
+  v = head.shape[1]
+  tv = min(vocab_tile, v)
+  c = min(chunk_rows, r)
+  nt = _cdiv(v, tv)
+  ragged = v % tv != 0
+  n = _cdiv(r, c)
+  rp = n * c
+  rows = tuple(_pad_rows(x, rp) for x in (hidden, temperature, seed, step, position))
+
+  def one_chunk(args):
+    h, t, sd, st, ps = args
+    hot = jnp.any(t > 0)
+
+    def body(j, acc):
+      lo = j * tv
+      start = jnp.minimum(lo, v - tv)
+      w = _slice_cols(head, start, tv)
+      l = jnp.dot(h, w, preferred_element_type=jnp.float32)
+      return merge(acc, tile_stats(l, start, lo if ragged else None, t, sd, st, ps, hot=hot,
+                                   want_margin=want_margin, want_entropy=want_entropy))
+
+    return lax.fori_loop(0, nt, body, init_stats(c))
+
+  if n == 1:
+    st = one_chunk(rows)
+  else:
+    st = lax.map(one_chunk, tuple(x.reshape((n, c) + x.shape[1:]) for x in rows))
+    st = Stats(*(x.reshape((rp,)) for x in st))
+  st = Stats(*(x[:r] for x in st))
+  return finalize(st, want_margin, want_entropy)

@@ -1,0 +1,129 @@
+"""Every head-sparse attention configuration the engine uses lowers to Triton for 'cuda' on CPU.
+
+Runs the Pallas -> Triton-IR lowering only (pallas-gpu-notes.md §7.2 route B), so non-power-of-two
+shapes and unsupported primitives fail here; Triton's own compiler limits only show up on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.pallas import triton as pltr
+
+from pallas_kernels.common import cuda_lowering_text
+from pallas_kernels.head_sparse_attention import head_sparse_attention, query_rows
+from pallas_kernels.head_sparse_attention.kernel import head_sparse_attention_kernel
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+TRITON_TARGETS = {"__gpu$xla.gpu.triton", getattr(pltr, "CUSTOM_CALL_TARGET_NAME", "")} - {""}
+HEAD_DIM = 128
+
+
+def specs(*, batch, kv_heads, q_rows, page_size, max_pages, num_fresh, dtype, num_pages=64,
+          head_dim=HEAD_DIM, shared=False):
+  """Abstract arguments of head_sparse_attention, in order.
+
+  shared=False: head-major pools [Hkv, P, S, D]; shared=True: one page space [P, S, D].
+  """
+  sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+  pool_shape = (num_pages, page_size, head_dim)
+  pool = sds(pool_shape if shared else (kv_heads,) + pool_shape, dtype)
+  fresh = sds((batch, kv_heads, num_fresh, head_dim), dtype)
+  return (sds((batch, kv_heads, q_rows, head_dim), dtype), pool, pool,
+          sds((batch, kv_heads, max_pages), i32), sds((batch, kv_heads), i32), fresh, fresh,
+          sds((batch,), i32))
+
+
+def assert_triton(text: str) -> None:
+  assert any(t in text for t in TRITON_TARGETS), "no Triton custom call in the lowered module"
+
+
+# (label, spec kwargs, op kwargs)
+ENGINE_CONFIGS = [
+    # LLaDA-like MHA (32 heads scaled down to 4), block 32 -> QB 32, 256-token budget over pages
+    *[(f"llada_S{s}_{dt}", dict(batch=2, kv_heads=4, q_rows=query_rows(32, 1), page_size=s,
+                                max_pages=1024 // s, num_fresh=32, dtype=dt), {})
+      for s in (64, 256) for dt in ("bfloat16", "float32")],
+    # Dream-like GQA 28:4 (group 7), 33 query tokens -> 231 rows -> QB 256; fresh rows 32 or 33
+    *[(f"dream_S{s}_Ln{ln}_{dt}", dict(batch=2, kv_heads=4, q_rows=query_rows(33, 7), page_size=s,
+                                       max_pages=1024 // s, num_fresh=ln, dtype=dt), {})
+      for s, ln in ((256, 32), (64, 33)) for dt in ("bfloat16", "float32")],
+    # Dream with the whole 256-row q block per program and 8 warps (the other fast setting, §0)
+    ("dream_bq256_w8", dict(batch=2, kv_heads=4, q_rows=256, page_size=256, max_pages=4,
+                            num_fresh=32, dtype="bfloat16"), dict(block_q=256, num_warps=8)),
+    # odd page-table width and pool size (only loads must be powers of two, not block shapes)
+    ("odd_table_and_pool", dict(batch=3, kv_heads=4, q_rows=32, page_size=64, max_pages=5,
+                                num_pages=37, num_fresh=32, dtype="bfloat16"), {}),
+    # 128-token compute sub-blocks of 256-token pages
+    ("llada_bk128", dict(batch=1, kv_heads=4, q_rows=32, page_size=256, max_pages=4, num_fresh=32,
+                         dtype="bfloat16"), dict(block_k=128)),
+    # ---- shared page space [P, S, D] (the engine's layout: one free list for all KV heads) ----
+    # LLaDA-like MHA, D 128, 64-token pages; P = 4 heads * 64 pages + the dummy (not a power of 2)
+    *[(f"shared_llada_S64_{dt}", dict(batch=2, kv_heads=4, q_rows=query_rows(32, 1), page_size=64,
+                                      max_pages=1024 // 64, num_pages=257, num_fresh=32, dtype=dt,
+                                      shared=True), {})
+      for dt in ("bfloat16", "float32")],
+    # Dream-like GQA 28:4 (group 7) -> QB 256, bf16; 64-token pages with Ln 33, 256-token with Ln 32
+    *[(f"shared_dream_S{s}_Ln{ln}_bf16", dict(batch=2, kv_heads=4, q_rows=query_rows(33, 7),
+                                              page_size=s, max_pages=1024 // s,
+                                              num_pages=4 * (1024 // s) + 1, num_fresh=ln,
+                                              dtype="bfloat16", shared=True), {})
+      for s, ln in ((64, 33), (256, 32))],
+    # Dream with 256-row q tiles and 8 warps on the shared pool
+    ("shared_dream_bq256_w8", dict(batch=2, kv_heads=4, q_rows=256, page_size=256, max_pages=4,
+                                   num_pages=33, num_fresh=32, dtype="bfloat16", shared=True),
+     dict(block_q=256, num_warps=8)),
+]
+
+
+@pytest.mark.parametrize("label,spec_kw,op_kw", ENGINE_CONFIGS, ids=[c[0] for c in ENGINE_CONFIGS])
+def test_engine_config_lowers_to_triton(label, spec_kw, op_kw):
+  fn = functools.partial(head_sparse_attention, impl="pallas", **op_kw)
+  assert_triton(cuda_lowering_text(fn, *specs(**spec_kw)))
+
+
+BAD_CONFIGS = [
+    # 48-row q block: not a power of two (validation would reject it; the kernel module does not)
+    ("q_rows_48", dict(q_rows=48, head_dim=128), dict(block_k=64)),
+    # 96-wide heads
+    ("head_dim_96", dict(q_rows=32, head_dim=96), dict(block_k=64)),
+    # 48-token compute blocks
+    ("block_k_48", dict(q_rows=32, head_dim=128, page_size=96), dict(block_k=48)),
+]
+
+
+@pytest.mark.parametrize("label,spec_kw,kernel_kw", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_fails_to_lower(label, spec_kw, kernel_kw):
+  base = dict(batch=1, kv_heads=2, page_size=64, max_pages=4, num_fresh=32, dtype="bfloat16")
+  fn = functools.partial(head_sparse_attention_kernel, scale=0.1, **kernel_kw)
+  with pytest.raises(Exception, match="power of 2"):
+    cuda_lowering_text(fn, *specs(**{**base, **spec_kw}))
+
+
+def test_tuning_knobs_reach_triton():
+  """num_warps and the q-tile grid axis show up in the Triton call (no silent default)."""
+  shape = dict(batch=2, kv_heads=4, q_rows=256, page_size=256, max_pages=4, num_fresh=32,
+               dtype="bfloat16")
+  text = cuda_lowering_text(
+      functools.partial(head_sparse_attention, impl="pallas", block_q=64, num_warps=8),
+      *specs(**shape))
+  assert "num_warps = 8" in text
+  assert "grid_x = 2" in text and "grid_y = 4" in text and "grid_z = 4" in text   # (B, Hkv, QB/bq)
+
+
+def test_shared_pool_grid_and_pool_operand():
+  """Shared layout: same (B, Hkv, QB/bq) grid; the kernel takes the rank-3 pool as is."""
+  shape = dict(batch=2, kv_heads=4, q_rows=256, page_size=64, max_pages=16, num_pages=129,
+               num_fresh=33, dtype="bfloat16", shared=True)
+  args = specs(**shape)
+  assert args[1].shape == (129, 64, HEAD_DIM)
+  text = cuda_lowering_text(
+      functools.partial(head_sparse_attention, impl="pallas", block_q=64), *args)
+  assert_triton(text)
+  assert "grid_x = 2" in text and "grid_y = 4" in text and "grid_z = 4" in text
+  assert "129x64x128xbf16" in text                          # whole shared pool passed unsliced
