@@ -141,3 +141,29 @@ def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, s
   device_rows = list(range(len(refresh))) + [shapes.refresh_rows + i for i in range(len(reuse))]
   return StepInputs(refresh_part, select_part, reuse_part, cand_inputs), list(zip(device_rows,
                                                                                  metas))
+
+
+def dummy_step(cfg: ModelConfig, shapes: Shapes, *, max_slots: int, reserved_width: int):
+  """Inputs of the given bucket that change nothing (no Select, nothing eligible): warm-up."""
+  i32 = np.int32
+  refresh = select = reuse = None
+  br, n, bu, lq, c = (shapes.refresh_rows, shapes.length, shapes.reuse_rows, shapes.query_rows,
+                      shapes.cand)
+  if br:
+    refresh = RefreshPart(jnp.full((br, n), cfg.pad_token_id, i32),
+                          jnp.broadcast_to(jnp.arange(n, dtype=i32), (br, n)), jnp.ones(br, i32))
+    z = jnp.zeros(br, i32)
+    select = SelectPart(slots=jnp.full(br, max_slots, i32), block_start=z, block_len=z, keep=z,
+                        mode=z, pool_kernel=jnp.ones(br, i32),
+                        reserved=jnp.zeros((br, reserved_width), i32))
+  if bu:
+    reuse = ReusePart(jnp.full((bu, lq), cfg.pad_token_id, i32), jnp.zeros((bu, lq), i32),
+                      jnp.zeros(bu, i32), jnp.zeros(bu, i32))
+  r = br + bu
+  z = jnp.zeros(r, i32)
+  cand = CandidateInputs(
+      src=jnp.zeros((r, c), i32), pos=jnp.zeros((r, c), i32), eligible=jnp.zeros((r, c), bool),
+      temperature=jnp.zeros(r, jnp.float32), seed=jnp.zeros(r, jnp.uint32), step=z,
+      confidence=z, rule=z, k=z, threshold=jnp.ones(r, jnp.float32),
+      factor=jnp.ones(r, jnp.float32))
+  return StepInputs(refresh, select, reuse, cand)

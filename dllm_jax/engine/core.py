@@ -24,9 +24,9 @@ from dllm_jax.cache.sparse_state import Phase, SparseConfig
 from dllm_jax.config import EngineConfig, SamplingParams
 from dllm_jax.decoding.dense import LogitPlan
 from dllm_jax.engine import memory
-from dllm_jax.engine.batch import Shapes, build_step, shapes_for
+from dllm_jax.engine.batch import Shapes, build_step, dummy_step, shapes_for
 from dllm_jax.engine.request import Request, Status
-from dllm_jax.engine.runner import Runner, StepStatic, pow2_at_least
+from dllm_jax.engine.runner import Runner, StepStatic, bucket_sizes, pow2_at_least
 from dllm_jax.engine.scheduler import Scheduler
 from dllm_jax.model.fused import SparseStatic
 from dllm_jax.model.transformer import Transformer
@@ -194,6 +194,40 @@ class EngineCore:
     return done
 
   # Stepping -----------------------------------------------------------------------------------
+  def _static(self, shapes: Shapes, want_margin: bool, want_entropy: bool) -> StepStatic:
+    rows = (shapes.refresh_rows + shapes.reuse_rows) * shapes.cand
+    return StepStatic(
+        plan=self._logit_plan(rows),
+        sparse=SparseStatic(block_width=shapes.cand,
+                            select_width=self.pool_cfg.max_pages_per_head * self.cfg.page_size,
+                            attn_impl=self.cfg.attn_impl),
+        want_margin=want_margin, want_entropy=want_entropy)
+
+  def warmup(self, lengths=(), block_lengths=(32,), *, margin: bool = False,
+             entropy: bool = False) -> int:
+    """Precompile the step for every bucket a workload with these canvas lengths and block
+    lengths can reach (all row buckets up to the caps). Returns the number of new compiles."""
+    before = self.runner.compile_count
+    ns = sorted({min(pow2_at_least(n, 32), self.max_len_bucket) for n in lengths} or
+                {self.max_len_bucket})
+    cs = sorted({pow2_at_least(b, 8) for b in block_lengths})
+    brs = [0] + bucket_sizes(1, self.cfg.max_refresh_rows)
+    bus = [0] + bucket_sizes(1, self.cfg.max_reuse_rows)
+    q_extra = 1 if self.mcfg.shifted_prediction else 0
+    for c in cs:
+      for br in brs:
+        for n in (ns if br else [0]):
+          for bu in bus:
+            if br == 0 and bu == 0:
+              continue
+            shapes = Shapes(br, n, bu, c + q_extra, c)
+            inp = dummy_step(self.mcfg, shapes, max_slots=self.pool_cfg.max_slots,
+                             reserved_width=self.reserved_width)
+            self.cache, x0, _ = self.runner.step(self.cache, inp,
+                                                 self._static(shapes, margin, entropy))
+            jax.block_until_ready(x0)
+    return self.runner.compile_count - before
+
   def step(self) -> list[Request]:
     """Run one engine step; return the requests that finished (or were aborted) in it."""
     t0 = time.perf_counter()
@@ -207,15 +241,9 @@ class EngineCore:
     inputs, metas = build_step(plan.refresh, plan.reuse, self.mcfg, shapes, sparse_on=True,
                                max_slots=self.pool_cfg.max_slots,
                                reserved_width=self.reserved_width)
-    rows = (shapes.refresh_rows + shapes.reuse_rows) * shapes.cand
     reqs = plan.refresh + plan.reuse
-    static = StepStatic(
-        plan=self._logit_plan(rows),
-        sparse=SparseStatic(block_width=shapes.cand,
-                            select_width=self.pool_cfg.max_pages_per_head * self.cfg.page_size,
-                            attn_impl=self.cfg.attn_impl),
-        want_margin=any(r.params.confidence == "margin" for r in reqs),
-        want_entropy=any(r.params.confidence == "entropy" for r in reqs))
+    static = self._static(shapes, any(r.params.confidence == "margin" for r in reqs),
+                          any(r.params.confidence == "entropy" for r in reqs))
     n_select = sum(1 for r in plan.refresh if r.is_sparse and r.phase() == Phase.SELECT)
     t1 = time.perf_counter()
     self.cache, x0, commit = self.runner.step(self.cache, inputs, static)

@@ -7,13 +7,15 @@ logit plan, applies each row's commit rule, and hands back (x0, commit) — [row
 Nothing [rows x vocab]-sized leaves the logit module.
 
 Buckets (all powers of two, capped by the engine config):
-  Br  Refresh rows        1, 2, 4, ... max_refresh_rows   (or 0: no Refresh part)
-  N   Refresh length      32, 64, 128, ... max_model_len (rounded up to a power of two)
-  Bu  Reuse rows          1, 2, 4, ... max_reuse_rows     (or 0: no Reuse part)
-  C   candidates per row  fixed: the power of two >= the largest block length
-  Lq  Reuse query rows    fixed: C (+1 for Dream's query-only row)
-so the number of executables is at most (|Br| * |N| + 1) * (|Bu| + 1) - 1 per logit plan; every
-compilation is counted (``compile_count``) and warm-up can precompile them all.
+  Br  Refresh rows        0 (no Refresh part) or 1, 2, 4, ... pow2(max_refresh_rows)
+  N   Refresh length      32, 64, ... pow2(max_model_len)
+  Bu  Reuse rows          0 (no Reuse part) or 1, 2, 4, ... pow2(max_reuse_rows)
+  C   candidates per row  8, 16, ... pow2(max_block_length)   (the step's longest block)
+  Lq  Reuse query rows    C (+1 for Dream's query-only row): follows C
+so for one logit plan and one (margin, entropy) flag pair the number of executables is at most
+  |C| * ((|Br| * |N| + 1) * (|Bu| + 1) - 1)
+(``executable_bound``). Every compilation is counted at trace time (``compile_count``);
+``EngineCore.warmup`` precompiles the buckets a workload will reach.
 """
 
 from __future__ import annotations
@@ -47,6 +49,16 @@ def bucket_sizes(lo: int, hi: int) -> list[int]:
     if v >= hi:
       return out
     v *= 2
+
+
+def executable_bound(max_refresh_rows: int, max_len: int, max_reuse_rows: int,
+                     max_block_length: int) -> int:
+  """Upper bound on step executables per logit plan and flag pair (module docstring)."""
+  br = len(bucket_sizes(1, max_refresh_rows))
+  n = len(bucket_sizes(32, max_len))
+  bu = len(bucket_sizes(1, max_reuse_rows))
+  c = len(bucket_sizes(8, max_block_length))
+  return c * ((br * n + 1) * (bu + 1) - 1)
 
 
 @flax.struct.dataclass
