@@ -169,25 +169,56 @@ def register_profile(sub) -> None:
   p.set_defaults(func=profiler.run_profile)
 
 
+def register_serve(sub) -> None:
+  from dllm_jax.server import cli as server_cli
+
+  p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live demo page")
+  server_cli.add_serve_args(p)
+  p.set_defaults(func=server_cli.run_serve)
+
+
 def register_bench(sub) -> None:
-  p = sub.add_parser("bench", help="benchmarks")
+  p = sub.add_parser("bench", help="benchmarks (logits | attention | serve | sparse-quality)")
   bsub = p.add_subparsers(dest="bench", required=True)
-  from dllm_jax.bench import logits_bench
+  from dllm_jax.bench import driver, logits_bench
 
   lp = bsub.add_parser("logits", help="logit variants: peak activation bytes and time")
   logits_bench.add_args(lp)
   lp.set_defaults(func=logits_bench.run)
+  sp = bsub.add_parser("serve", help="run a workload against the engine (or --url server)")
+  driver.add_args(sp)
+  sp.set_defaults(func=driver.run)
+  for name, module, help_ in (("attention", "attention_bench", "Reuse attention: dense vs sparse"),
+                              ("sparse-quality", "sparse_quality",
+                               "agreement of sparse modes with dense decoding")):
+    try:
+      mod = __import__(f"dllm_jax.bench.{module}", fromlist=["run"])
+    except ModuleNotFoundError:
+      continue
+    bp = bsub.add_parser(name, help=help_)
+    mod.add_args(bp)
+    bp.set_defaults(func=mod.run)
 
 
-def _safe(register):
-  """Skip a command whose module is not importable (e.g. an optional dependency is missing)."""
+def register_ablate(sub) -> None:
+  from dllm_jax.bench import ablation
+
+  p = sub.add_parser("ablate", help="the ablation ladder at an equal memory budget, with plots")
+  ablation.add_args(p)
+  p.set_defaults(func=ablation.run)
+
+
+def _optional(register):
+  """Register a command whose module may not be importable where optional extras are missing
+  (e.g. the server without fastapi): it is then absent from --help instead of breaking the CLI."""
   def wrapped(sub):
     try:
       register(sub)
-    except ImportError:
-      pass
+    except ModuleNotFoundError as e:
+      if not (e.name or "").startswith(("fastapi", "uvicorn", "matplotlib", "httpx", "dllm_jax")):
+        raise
   return wrapped
 
 
-REGISTRY = [register_generate, register_convert, _safe(register_train), _safe(register_profile),
-            _safe(register_bench)]
+REGISTRY = [register_generate, register_convert, register_train, register_profile,
+            _optional(register_serve), _optional(register_bench), _optional(register_ablate)]
