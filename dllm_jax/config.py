@@ -403,7 +403,8 @@ class EngineConfig:
     its ``selection`` switches head-centric ("per_head") vs "shared" selection.
 
   Memory: ``memory_budget_bytes`` (if set) is what weights + KV pool + activation peak may use on
-  any backend; the KV pool gets what is left (``num_pages`` overrides it).
+  any backend, per device; the KV pool gets what is left (``num_pages``, per device, overrides
+  it). ``tp``: tensor-parallel devices (dllm_jax/parallel.py).
   """
 
   max_running: int = 32
@@ -424,9 +425,10 @@ class EngineConfig:
   attn_impl: str = "auto"
   max_waiting: int = 1024
   aging_steps: int = 8
+  tp: int = 1
 
   def __post_init__(self):
-    for f in ("max_running", "token_budget", "page_size", "max_block_length", "max_refresh_rows",
+    for f in ("tp", "max_running", "token_budget", "page_size", "max_block_length", "max_refresh_rows",
               "max_reuse_rows", "max_waiting", "aging_steps"):
       v = getattr(self, f)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -40,6 +40,7 @@ class PoolConfig:
   max_slots: int          # concurrently running sparse requests
   max_pages_per_head: int  # MP: page-table width per (slot, layer, head)
   dtype: str = "float32"
+  shards: int = 1         # tensor-parallel devices; num_pages is per device
 
   def __post_init__(self):
     for f in ("num_pages", "page_size", "num_layers", "num_kv_heads", "head_dim", "max_slots",
@@ -57,7 +58,8 @@ class PoolConfig:
 
   @property
   def pool_bytes(self) -> int:
-    return self.num_pages * self.page_bytes
+    """Bytes of the whole pool, all devices."""
+    return self.shards * self.num_pages * self.page_bytes
 
 
 @flax.struct.dataclass
@@ -69,7 +71,9 @@ class SparseCache:
 
 
 def init_cache(cfg: PoolConfig) -> SparseCache:
-  shape = (cfg.num_layers, cfg.num_pages, cfg.page_size, cfg.head_dim)
+  """The global pool; with ``shards`` devices, device d owns pages [d*P, (d+1)*P) of axis 1 and
+  the table entries of its KV heads (axis 2)."""
+  shape = (cfg.num_layers, cfg.shards * cfg.num_pages, cfg.page_size, cfg.head_dim)
   return SparseCache(
       k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
       page_table=jnp.zeros((cfg.max_slots, cfg.num_layers, cfg.num_kv_heads,
@@ -141,6 +145,34 @@ class PageAllocator:
 
   def owned(self, owner) -> list[int]:
     return list(self._owned.get(owner, []))
+
+
+class ShardedPageAllocator:
+  """One :class:`PageAllocator` per tensor-parallel device (each device stores the pages of its
+  own KV heads, with its own dummy page 0). Allocation is all-or-nothing across devices."""
+
+  def __init__(self, num_pages: int, shards: int = 1):
+    self.shards = [PageAllocator(num_pages) for _ in range(shards)]
+
+  @property
+  def capacity(self) -> int:
+    return self.shards[0].capacity
+
+  @property
+  def num_free(self) -> int:
+    return min(a.num_free for a in self.shards)
+
+  def can_allocate(self, n: int) -> bool:
+    return all(a.can_allocate(n) for a in self.shards)
+
+  def allocate(self, owner, n: int) -> list[list[int]] | None:
+    """n pages on every device (per-device page ids), or None and nothing taken."""
+    if not self.can_allocate(n):
+      return None
+    return [a.allocate(owner, n) for a in self.shards]
+
+  def free(self, owner) -> int:
+    return sum(a.free(owner) for a in self.shards)
 
 
 class SlotAllocator:

@@ -69,9 +69,10 @@ def max_pool(scores, valid, kernel):
   return jnp.where(valid, out, _NEG)
 
 
-def head_scores(q_block, q_valid, k_cand, shared):
+def head_scores(q_block, q_valid, k_cand, shared, axis: str | None = None):
   """Unpooled candidate scores, [Hkv, n] (shared: the same row repeated for every head).
-  ``shared`` may be a traced bool.
+  ``shared`` may be a traced bool. Under tensor parallelism (``axis``) the shared score sums the
+  query heads of every device.
 
   q_block [Lq, Hq, D] (rows beyond q_valid are padding); k_cand [n, Hkv, D].
   """
@@ -81,7 +82,10 @@ def head_scores(q_block, q_valid, k_cand, shared):
   q_avg = jnp.sum(q_block.astype(jnp.float32) * w, 0) / jnp.maximum(jnp.sum(w), 1.0)  # [Hq, D]
   qg = q_avg.reshape(hkv, hq // hkv, d)
   s = jnp.einsum("hgd,nhd->hgn", qg, k_cand.astype(jnp.float32)) * (d ** -0.5)  # [Hkv, G, n]
-  one_set = jnp.broadcast_to(jnp.sum(s, axis=(0, 1))[None], (hkv, s.shape[-1]))
+  total = jnp.sum(s, axis=(0, 1))
+  if axis is not None:
+    total = jax.lax.psum(total, axis)
+  one_set = jnp.broadcast_to(total[None], (hkv, s.shape[-1]))
   return jnp.where(shared, one_set, jnp.max(s, axis=1))
 
 
@@ -102,7 +106,7 @@ def adaptive_budgets(scores, valid, total, num_candidates):
 
 
 def select(q_block, q_valid, k_all, block_start, block_len, length, keep, mode, pool_kernel, *,
-           width: int):
+           width: int, axis: str | None = None):
   """Selected canvas positions of one request and layer.
 
   q_block [Lq, Hq, D]; q_valid [Lq] bool; k_all [N, Hkv, D] post-RoPE keys of the whole canvas;
@@ -115,7 +119,7 @@ def select(q_block, q_valid, k_all, block_start, block_len, length, keep, mode, 
   n = k_all.shape[0]
   idx, valid = candidate_index(n, block_start, block_len, length)
   k_cand = jnp.take(k_all, idx, axis=0)
-  raw = head_scores(q_block, q_valid, k_cand, mode == MODES.index("shared"))
+  raw = head_scores(q_block, q_valid, k_cand, mode == MODES.index("shared"), axis)
   raw = jnp.where(valid[None], raw, _NEG)
   pooled = max_pool(raw, valid[None], pool_kernel)
   num = jnp.sum(valid).astype(jnp.int32)

@@ -55,7 +55,8 @@ def shapes_for(refresh: list[Request], reuse: list[Request], cfg: ModelConfig,
 
 def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, shapes: Shapes,
                *, sparse_on: bool, max_slots: int, reserved_width: int):
-  """(StepInputs, [RowMeta]) for the scheduled requests."""
+  """(StepInputs, [RowMeta]) for the scheduled requests. ``reserved_width``: total width of the
+  reserved-page array, split evenly between tensor-parallel devices."""
   c = shapes.cand
   total_rows = shapes.refresh_rows + shapes.reuse_rows
   f32, i32 = np.float32, np.int32
@@ -104,7 +105,10 @@ def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, s
         sel["keep"][i] = req.keep()
         sel["mode"][i] = MODES.index(req.sparse.selection)
         sel["pool_kernel"][i] = req.sparse.pool_kernel
-        sel["reserved"][i, :len(req.pages)] = req.pages
+        # Per-device page ids, device-major: device d's ids fill reserved[i, d*R:(d+1)*R].
+        width = reserved_width // len(req.pages)
+        for d, pages in enumerate(req.pages):
+          sel["reserved"][i, d * width:d * width + len(pages)] = pages
     positions = np.broadcast_to(np.arange(n, dtype=i32), (br, n))
     refresh_part = RefreshPart(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(lengths))
     if sparse_on:

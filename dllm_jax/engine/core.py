@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dllm_jax.cache.page_pool import (PageAllocator, PoolConfig, SlotAllocator, init_cache,
-                                      max_keep, pages_needed)
+from dllm_jax.cache.page_pool import (PoolConfig, ShardedPageAllocator, SlotAllocator,
+                                      init_cache, max_keep, pages_needed)
 from dllm_jax.cache.sparse_state import Phase, SparseConfig
 from dllm_jax.config import EngineConfig, SamplingParams
 from dllm_jax.decoding.dense import LogitPlan
@@ -53,19 +53,23 @@ class StepStats:
 
 class EngineCore:
 
-  def __init__(self, model: Transformer, cfg: EngineConfig):
+  def __init__(self, model: Transformer, cfg: EngineConfig, devices=None):
+    from dllm_jax import parallel
+
     self.model = model
     self.mcfg = model.cfg
     self.cfg = cfg
     self.max_len = min(cfg.max_model_len or self.mcfg.max_position, self.mcfg.max_position)
     self.max_len_bucket = pow2_at_least(self.max_len, 32)
     self.dtype = model.dtype
-    self.runner = Runner(model)
+    self.runner = Runner(model, parallel.make_mesh(cfg.tp, devices))
+    self.kv_heads = self.runner.layout.kv_heads_per_device
     self.pool_cfg = self._pool_config()
-    self.cache = init_cache(self.pool_cfg)
-    self.pages = PageAllocator(self.pool_cfg.num_pages)
+    self.cache = self.runner.shard_cache(init_cache(self.pool_cfg))
+    self.pages = ShardedPageAllocator(self.pool_cfg.num_pages, cfg.tp)
     self.slots = SlotAllocator(self.pool_cfg.max_slots)
-    self.scheduler = Scheduler(cfg, self.mcfg, self.pages, self.slots, self._fits_activation)
+    self.scheduler = Scheduler(cfg, self.mcfg, self.pages, self.slots, self._fits_activation,
+                               kv_heads=self.kv_heads)
     self.stats = StepStats()
     self._ids = itertools.count()
     self._lock = threading.Lock()
@@ -78,13 +82,14 @@ class EngineCore:
   def _pool_config(self) -> PoolConfig:
     m, cfg = self.mcfg, self.cfg
     mp = -(-self.max_len // cfg.page_size)
-    per_request = pages_needed(max_keep(self.max_len, 0, self.max_len, 1, 1.0), m.num_kv_heads,
+    per_request = pages_needed(max_keep(self.max_len, 0, self.max_len, 1, 1.0), self.kv_heads,
                                cfg.page_size, adaptive=True)
-    self.reserved_width = pow2_at_least(max(per_request, 1))
+    self.reserved_per_device = pow2_at_least(max(per_request, 1))
+    self.reserved_width = cfg.tp * self.reserved_per_device
     base = PoolConfig(num_pages=2, page_size=cfg.page_size, num_layers=m.num_layers,
-                      num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+                      num_kv_heads=self.runner.layout.num_kv_heads, head_dim=m.head_dim,
                       max_slots=cfg.max_running, max_pages_per_head=mp,
-                      dtype=jnp.dtype(self.dtype).name)
+                      dtype=jnp.dtype(self.dtype).name, shards=cfg.tp)
     if cfg.num_pages is not None:
       n = cfg.num_pages
     elif cfg.memory_budget_bytes is not None:
@@ -134,8 +139,8 @@ class EngineCore:
     if not self._fits_activation([req], []):
       raise ValueError(f"a Refresh of {n} tokens exceeds the activation budget "
                        f"{self.cfg.activation_budget_bytes:,} bytes")
-    need = req.pages_needed(self.mcfg.num_kv_heads, self.cfg.page_size)
-    if need > self.pages.capacity or need > self.reserved_width:
+    need = req.pages_needed(self.kv_heads, self.cfg.page_size)
+    if need > self.pages.capacity or need > self.reserved_per_device:
       raise ValueError(f"this sparse request needs {need} KV pages; the pool holds "
                        f"{self.pages.capacity}")
 

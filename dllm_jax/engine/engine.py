@@ -69,7 +69,8 @@ class LLM:
 
   def __init__(self, model: str | os.PathLike | Transformer | None = None, tokenizer=None, *,
                param_dtype=None, generation_config: dict | None = None,
-               logit_plan: LogitPlan | None = None, engine_config: EngineConfig | None = None):
+               logit_plan: LogitPlan | None = None, engine_config: EngineConfig | None = None,
+               devices=None):
     path = None
     if model is None:
       model = DEMO_MODEL_DIR
@@ -97,13 +98,14 @@ class LLM:
     self._steps: dict[StepStatic, Any] = {}
     self.engine_config = engine_config or EngineConfig()
     self._core: EngineCore | None = None
+    self._devices = devices
     self._outputs: dict[str, GenerationOutput] = {}
 
   @property
   def core(self) -> EngineCore:
     """The continuous-batching engine (built on first use)."""
     if self._core is None:
-      self._core = EngineCore(self.model, self.engine_config)
+      self._core = EngineCore(self.model, self.engine_config, self._devices)
     return self._core
 
   # Continuous batching ------------------------------------------------------------------------

@@ -34,7 +34,10 @@ from dllm_jax.decoding.dense import LogitPlan
 from dllm_jax.logits import variants
 from dllm_jax.model.fused import ReusePart, SelectPart, SparseStatic, step_forward
 from dllm_jax.model.transformer import RefreshPart, Transformer
-from pallas_kernels.fused_lm_head.reference import finalize, logits_stats
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pallas_kernels.common import MASK_VALUE
+from pallas_kernels.fused_lm_head.reference import finalize, logits_stats, merge, tile_stats
 
 
 def pow2_at_least(x: int, lo: int = 1) -> int:
@@ -113,8 +116,11 @@ def _full_logits_rows(flat, idx, head, params: variants.RowParams, static: StepS
 
 
 def decode_and_commit(model: Transformer, h_refresh, h_reuse, c: CandidateInputs,
-                      static: StepStatic):
-  """(x0 [R, C] int32, commit [R, C] bool) from the hidden states of both parts."""
+                      static: StepStatic, *, axis: str | None = None, vocab_size: int = 0):
+  """(x0 [R, C] int32, commit [R, C] bool) from the hidden states of both parts.
+
+  Under tensor parallelism (``axis``) the LM head is this device's vocab slice and the
+  decisions come from :func:`_sharded_decode`."""
   feeds = [h for h in (h_refresh, h_reuse) if h is not None]
   flat = jnp.concatenate([h.reshape(-1, h.shape[-1]) for h in feeds], axis=0)
   # Row r's fed tokens start at base[r] in the flat buffer (Refresh rows first, then Reuse).
@@ -130,7 +136,9 @@ def decode_and_commit(model: Transformer, h_refresh, h_reuse, c: CandidateInputs
   params = variants.RowParams(
       temperature=jnp.repeat(c.temperature, cw), seed=jnp.repeat(c.seed, cw),
       step=jnp.repeat(c.step, cw), position=c.pos.reshape(-1))
-  if plan.variant == "full":
+  if axis is not None:
+    out = _sharded_decode(jnp.take(flat, idx, axis=0), head, params, static, axis, vocab_size)
+  elif plan.variant == "full":
     out = _full_logits_rows(flat, idx, head, params, static)
   else:
     out = variants.decode_rows(jnp.take(flat, idx, axis=0), head, params, variant=plan.variant,
@@ -144,31 +152,111 @@ def decode_and_commit(model: Transformer, h_refresh, h_reuse, c: CandidateInputs
   return shape(out.token), commit
 
 
-class Runner:
-  """Owns the jitted step functions of one model; counts compilations."""
+def _sharded_decode(hidden, head, params: variants.RowParams, static: StepStatic, axis: str,
+                    vocab_size: int):
+  """Vocab-parallel decode: each device scores its vocab slice in row chunks, keeps per-row
+  online statistics, and only those [rows]-sized statistics cross devices (all_gather, then a
+  merge in vocab order) — the [rows x V] logits are never gathered."""
+  r, d = hidden.shape
+  v_local = head.shape[1]
+  offset = jax.lax.axis_index(axis) * v_local
+  c = min(static.plan.chunk_rows, r)
+  n = -(-r // c)
+  pad = lambda x: jnp.pad(x, [(0, n * c - r)] + [(0, 0)] * (x.ndim - 1))
+  p = variants.RowParams(params.temperature.astype(jnp.float32), params.seed.astype(jnp.uint32),
+                         params.step.astype(jnp.int32), params.position.astype(jnp.int32))
+  xs = tuple(pad(x).reshape((n, c) + x.shape[1:])
+             for x in (hidden, p.temperature, p.seed, p.step, p.position))
+  cols = offset + jnp.arange(v_local, dtype=jnp.int32)
 
-  def __init__(self, model: Transformer):
-    self.graphdef, self.params = nnx.split(model)
+  def chunk(a):
+    h, t, sd, stp, pos = a
+    logits = jnp.dot(h.astype(head.dtype), head, preferred_element_type=jnp.float32)
+    logits = jnp.where(cols[None, :] < vocab_size, logits, MASK_VALUE)  # padded vocab ids
+    return tile_stats(logits, offset, None, t, sd, stp, pos, hot=jnp.any(t > 0),
+                      want_margin=static.want_margin, want_entropy=static.want_entropy)
+
+  st = jax.tree.map(lambda x: x.reshape(n * c)[:r], jax.lax.map(chunk, xs))
+  every = jax.lax.all_gather(st, axis)  # each field [tp, R]
+  merged = jax.tree.map(lambda x: x[0], every)
+  for i in range(1, every.m.shape[0]):
+    merged = merge(merged, jax.tree.map(lambda x, i=i: x[i], every))
+  token, conf, margin, entropy = finalize(merged, static.want_margin, static.want_entropy)
+  rand = noise.uniform(p.seed, p.step, p.position, vocab_size)
+  return variants.RowOut(token, conf, margin, entropy, rand)
+
+
+class Runner:
+  """Owns the jitted step functions of one model; counts compilations.
+
+  The step always runs under ``shard_map`` on a 1-D mesh (one device unless tensor parallel), so
+  the same local program serves tp = 1 and tp > 1 (dllm_jax/parallel.py).
+  """
+
+  def __init__(self, model: Transformer, mesh=None):
+    from dllm_jax import parallel
+
+    self.mesh = mesh if mesh is not None else parallel.make_mesh(1)
+    self.tp = self.mesh.shape[parallel.AXIS]
+    self.layout = parallel.layout_for(model.cfg, self.tp)
+    self.vocab_size = model.cfg.vocab_size
+    self.graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+    pure = parallel.pad_vocab(parallel.expand_kv_heads(pure, model.cfg,
+                                                       self.layout.kv_replication),
+                              self.layout.vocab_size)
+    specs = parallel.param_specs(pure)
+    self.params = jax.tree.map(lambda x: x, state)
+    nnx.replace_by_pure_dict(self.params, parallel.shard_params(pure, self.mesh))
+    self.param_specs = jax.tree.map(lambda x: x, state)
+    nnx.replace_by_pure_dict(self.param_specs, specs)
     self._fns: dict[StepStatic, object] = {}
     self._lock = threading.Lock()
     self.compile_count = 0
 
-  def _make(self, static: StepStatic):
-    graphdef = self.graphdef
+  @staticmethod
+  def cache_specs():
+    from dllm_jax import parallel
+    from dllm_jax.cache.page_pool import SparseCache
 
-    def fn(params, cache, inp: StepInputs):
-      self.compile_count += 1  # runs at trace time only: one per new shape / static config
+    a = parallel.AXIS
+    return SparseCache(k=P(None, a), v=P(None, a), page_table=P(None, None, a),
+                       kv_len=P(None, None, a))
+
+  def shard_cache(self, cache):
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(self.mesh, s)), cache,
+                        self.cache_specs())
+
+  def _make(self, static: StepStatic, inputs: StepInputs):
+    from dllm_jax import parallel
+
+    graphdef, axis, vocab = self.graphdef, parallel.AXIS, self.vocab_size
+
+    def local(params, cache, inp: StepInputs):
       model = nnx.merge(graphdef, params)
       h_r, h_u, cache = step_forward(model, inp.refresh, inp.reuse, cache, inp.select,
-                                     static.sparse or SparseStatic())
-      x0, commit = decode_and_commit(model, h_r, h_u, inp.cand, static)
+                                     static.sparse or SparseStatic(), axis=axis)
+      x0, commit = decode_and_commit(model, h_r, h_u, inp.cand, static,
+                                     axis=axis if self.tp > 1 else None, vocab_size=vocab)
       return cache, x0, commit
+
+    in_specs = jax.tree.map(lambda _: P(), inputs)
+    if inputs.select is not None:
+      in_specs = in_specs.replace(select=in_specs.select.replace(reserved=P(None, axis)))
+    mapped = jax.shard_map(local, mesh=self.mesh,
+                           in_specs=(self.param_specs, self.cache_specs(), in_specs),
+                           out_specs=(self.cache_specs(), P(), P()), check_vma=False)
+
+    def fn(params, cache, inp):
+      self.compile_count += 1  # runs at trace time only: one per new shape / static config
+      return mapped(params, cache, inp)
 
     return jax.jit(fn, donate_argnums=(1,))
 
   def step(self, cache, inp: StepInputs, static: StepStatic):
+    key = (static, jax.tree.structure(inp))
     with self._lock:
-      fn = self._fns.get(static)
+      fn = self._fns.get(key)
       if fn is None:
-        fn = self._fns[static] = self._make(static)
+        fn = self._fns[key] = self._make(static, inp)
     return fn(self.params, cache, inp)

@@ -46,9 +46,11 @@ class Plan:
 class Scheduler:
 
   def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, pages: PageAllocator,
-               slots: SlotAllocator, fits_activation: Callable[[list[Request], list[Request]], bool]):
+               slots: SlotAllocator, fits_activation: Callable[[list[Request], list[Request]], bool],
+               *, kv_heads: int | None = None):
     self.cfg = cfg
     self.model_cfg = model_cfg
+    self.kv_heads = kv_heads or model_cfg.num_kv_heads  # per device under tensor parallelism
     self.pages = pages
     self.slots = slots
     self.fits_activation = fits_activation
@@ -60,7 +62,7 @@ class Scheduler:
     if len(self.running) >= self.cfg.max_running:
       return False
     if req.is_sparse:
-      need = req.pages_needed(self.model_cfg.num_kv_heads, self.cfg.page_size)
+      need = req.pages_needed(self.kv_heads, self.cfg.page_size)
       if not self.pages.can_allocate(need) or self.slots.num_free == 0:
         return False
       req.pages = self.pages.allocate(req.request_id, need)

@@ -63,7 +63,7 @@ class SparseStatic:
 
 
 def _select_and_store(cache: SparseCache, layer: int, q, k, v, lengths, sel: SelectPart,
-                      st: SparseStatic) -> SparseCache:
+                      st: SparseStatic, axis: str | None = None) -> SparseCache:
   """Select each row's important K/V for this layer and write them into its reserved pages."""
   n = q.shape[1]
   page_size = cache.k.shape[2]
@@ -76,7 +76,7 @@ def _select_and_store(cache: SparseCache, layer: int, q, k, v, lengths, sel: Sel
   q_block = jnp.take_along_axis(q, qpos[:, :, None, None], axis=1)
   q_valid = c[None, :] < sel.block_len[:, None]
   width = min(st.select_width, n)
-  pick = jax.vmap(functools.partial(selection.select, width=width))
+  pick = jax.vmap(functools.partial(selection.select, width=width, axis=axis))
   pos, counts = pick(q_block, q_valid, k, sel.block_start, sel.block_len, lengths, sel.keep,
                      sel.mode, sel.pool_kernel)
   counts = jnp.where(selecting[:, None], jnp.minimum(counts, mp * page_size), 0)  # [Br, Hkv]
@@ -107,7 +107,7 @@ def _select_and_store(cache: SparseCache, layer: int, q, k, v, lengths, sel: Sel
 def _sparse_attention(cache: SparseCache, layer: int, q, k, v, u: ReusePart, st: SparseStatic):
   """Reuse rows: queries attend to their head's selected K/V plus the block's fresh K/V."""
   lq, hq = q.shape[1], q.shape[2]
-  hkv = k.shape[2]
+  hkv = k.shape[2]  # local heads under tensor parallelism
   table = cache.page_table[u.slots, layer]
   kv_len = cache.kv_len[u.slots, layer]
   out = head_sparse_attention(
@@ -116,11 +116,27 @@ def _sparse_attention(cache: SparseCache, layer: int, q, k, v, u: ReusePart, st:
   return unpack_outputs(out, lq, hq)
 
 
+def _embed(model: Transformer, tokens, axis: str | None):
+  """Token embeddings; under tensor parallelism each device holds a vocab slice (then psum)."""
+  table = model.embed[...]
+  if axis is None:
+    return jnp.take(table, tokens, axis=0)
+  local = tokens - jax.lax.axis_index(axis) * table.shape[0]
+  inside = (local >= 0) & (local < table.shape[0])
+  x = jnp.take(table, jnp.clip(local, 0, table.shape[0] - 1), axis=0)
+  return jax.lax.psum(jnp.where(inside[:, None], x, 0), axis)
+
+
 def step_forward(model: Transformer, refresh: RefreshPart | None, reuse: ReusePart | None,
                  cache: SparseCache | None = None, select: SelectPart | None = None,
-                 st: SparseStatic = SparseStatic()):
+                 st: SparseStatic = SparseStatic(), axis: str | None = None):
   """Hidden states of both parts (refresh [Br, N, d] or None, reuse [Bu, Lq, d] or None) and the
-  updated cache. Either part may be None (or have zero rows)."""
+  updated cache. Either part may be None (or have zero rows).
+
+  ``axis``: the mesh axis name when running as one tensor-parallel shard under shard_map (the
+  params, pool and tables are then this device's slices; see dllm_jax/parallel.py).
+  """
+  reduce = (lambda y: jax.lax.psum(y, axis)) if axis else (lambda y: y)
   parts = []
   if refresh is not None:
     parts.append(("refresh", refresh.tokens, refresh.positions))
@@ -128,8 +144,7 @@ def step_forward(model: Transformer, refresh: RefreshPart | None, reuse: ReusePa
     parts.append(("reuse", reuse.tokens, reuse.positions))
   shapes = [tok.shape for _, tok, _ in parts]
   sizes = [s[0] * s[1] for s in shapes]
-  embed = model.embed[...]
-  x = jnp.concatenate([jnp.take(embed, tok.reshape(-1), axis=0) for _, tok, _ in parts], axis=0)
+  x = jnp.concatenate([_embed(model, tok.reshape(-1), axis) for _, tok, _ in parts], axis=0)
 
   def split(y):
     out, start = [], 0
@@ -146,13 +161,13 @@ def step_forward(model: Transformer, refresh: RefreshPart | None, reuse: ReusePa
       q, k, v = att.qkv(hp, positions)
       if name == "refresh":
         if select is not None:
-          cache = _select_and_store(cache, li, q, k, v, refresh.lengths, select, st)
+          cache = _select_and_store(cache, li, q, k, v, refresh.lengths, select, st, axis)
         o = dense_attention(q, k, v, refresh.lengths)
       else:
         o = _sparse_attention(cache, li, q, k, v, reuse, st)
-      outs.append(o.reshape(-1, att.num_heads * att.head_dim))
-    x = x + att.o_proj(jnp.concatenate(outs, axis=0))
-    x = x + layer.mlp(layer.mlp_norm(x))
+      outs.append(o.reshape(o.shape[0] * o.shape[1], -1))
+    x = x + reduce(att.o_proj(jnp.concatenate(outs, axis=0)))
+    x = x + reduce(layer.mlp(layer.mlp_norm(x)))
   hidden = split(model.final_norm(x))
   it = iter(hidden)
   h_refresh = next(it) if refresh is not None else None

@@ -51,11 +51,15 @@ class Attention(nnx.Module):
     self.o_proj = Linear(cfg.num_heads * hd, d, bias=False, dtype=dtype, rngs=rngs)
 
   def qkv(self, h: jax.Array, positions: jax.Array):
-    """Post-RoPE q [..., T, Hq, D], k and v [..., T, Hkv, D] from h [..., T, d]."""
+    """Post-RoPE q [..., T, Hq, D], k and v [..., T, Hkv, D] from h [..., T, d].
+
+    Head counts come from the projections' shapes, so a tensor-parallel shard (a slice of the
+    heads) runs the same code.
+    """
     lead = h.shape[:-1]
-    q = self.q_proj(h).reshape(*lead, self.num_heads, self.head_dim)
-    k = self.k_proj(h).reshape(*lead, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(h).reshape(*lead, self.num_kv_heads, self.head_dim)
+    q = self.q_proj(h).reshape(*lead, -1, self.head_dim)
+    k = self.k_proj(h).reshape(*lead, -1, self.head_dim)
+    v = self.v_proj(h).reshape(*lead, -1, self.head_dim)
     return rope(q, positions, self.theta), rope(k, positions, self.theta), v
 
   def __call__(self, h: jax.Array, positions: jax.Array, lengths: jax.Array) -> jax.Array:
