@@ -253,6 +253,12 @@ class Runner:
 
     return jax.jit(fn, donate_argnums=(1,))
 
+  def compiled_text(self, cache, inp: StepInputs, static: StepStatic) -> str:
+    """Optimised HLO of the step for these inputs (to inspect its collectives)."""
+    key = (static, jax.tree.structure(inp))
+    fn = self._fns.get(key) or self._make(static, inp)
+    return fn.lower(self.params, cache, inp).compile().as_text()
+
   def step(self, cache, inp: StepInputs, static: StepStatic):
     key = (static, jax.tree.structure(inp))
     with self._lock:
