@@ -134,6 +134,23 @@ def param_specs(pure: dict) -> dict:
   return jax.tree_util.tree_map_with_path(spec, pure)
 
 
+def put(x, mesh: Mesh, spec: P):
+  """Place a host value (identical on every process) with ``spec`` on the mesh. Single process:
+  device_put; multi-process (jax.distributed): each process fills its addressable shards."""
+  sharding = NamedSharding(mesh, spec)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def to_host(x) -> np.ndarray:
+  """A replicated result as numpy (multi-process: this process's copy)."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  return np.asarray(x.addressable_shards[0].data)
+
+
 def shard_params(pure: dict, mesh: Mesh) -> dict:
   specs = param_specs(pure)
-  return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), pure, specs)
+  return jax.tree.map(lambda x, s: put(x, mesh, s), pure, specs)

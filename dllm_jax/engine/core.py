@@ -30,6 +30,7 @@ from dllm_jax.engine.runner import Runner, StepStatic, bucket_sizes, pow2_at_lea
 from dllm_jax.engine.scheduler import Scheduler
 from dllm_jax.model.fused import SparseStatic
 from dllm_jax.model.transformer import Transformer
+from dllm_jax.parallel import to_host
 
 
 class QueueFull(RuntimeError):
@@ -252,7 +253,7 @@ class EngineCore:
     n_select = sum(1 for r in plan.refresh if r.is_sparse and r.phase() == Phase.SELECT)
     t1 = time.perf_counter()
     self.cache, x0, commit = self.runner.step(self.cache, inputs, static)
-    x0, commit = jax.device_get((x0, commit))  # the step's one device->host transfer
+    x0, commit = to_host(x0), to_host(commit)  # the step's one device->host transfer
     t2 = time.perf_counter()
     now = time.perf_counter()
     for row, meta in metas:

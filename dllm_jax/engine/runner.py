@@ -224,8 +224,15 @@ class Runner:
                        kv_len=P(None, None, a))
 
   def shard_cache(self, cache):
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(self.mesh, s)), cache,
-                        self.cache_specs())
+    from dllm_jax import parallel
+    return jax.tree.map(lambda x, s: parallel.put(x, self.mesh, s), cache, self.cache_specs())
+
+  def _input_specs(self, inputs: StepInputs):
+    from dllm_jax import parallel
+    specs = jax.tree.map(lambda _: P(), inputs)
+    if inputs.select is not None:
+      specs = specs.replace(select=specs.select.replace(reserved=P(None, parallel.AXIS)))
+    return specs
 
   def _make(self, static: StepStatic, inputs: StepInputs):
     from dllm_jax import parallel
@@ -240,9 +247,7 @@ class Runner:
                                      axis=axis if self.tp > 1 else None, vocab_size=vocab)
       return cache, x0, commit
 
-    in_specs = jax.tree.map(lambda _: P(), inputs)
-    if inputs.select is not None:
-      in_specs = in_specs.replace(select=in_specs.select.replace(reserved=P(None, axis)))
+    in_specs = self._input_specs(inputs)
     mapped = jax.shard_map(local, mesh=self.mesh,
                            in_specs=(self.param_specs, self.cache_specs(), in_specs),
                            out_specs=(self.cache_specs(), P(), P()), check_vma=False)
@@ -265,4 +270,7 @@ class Runner:
       fn = self._fns.get(key)
       if fn is None:
         fn = self._fns[key] = self._make(static, inp)
+    if jax.process_count() > 1:  # multi-controller: every input must be a global array
+      from dllm_jax import parallel
+      inp = jax.tree.map(lambda x, s: parallel.put(x, self.mesh, s), inp, self._input_specs(inp))
     return fn(self.params, cache, inp)
