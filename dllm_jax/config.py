@@ -381,8 +381,14 @@ class SamplingParams:
 
 
 def _divisor_near(n: int, target: int) -> int:
-  divisors = [d for d in range(1, n + 1) if n % d == 0]
-  return min(divisors, key=lambda d: (abs(d - target), d))
+  """The divisor of n closest to target (O(sqrt n), so huge values stay cheap)."""
+  divisors = set()
+  d = 1
+  while d * d <= n:
+    if n % d == 0:
+      divisors.update((d, n // d))
+    d += 1
+  return min(divisors, key=lambda x: (abs(x - target), x))
 
 
 # Engine --------------------------------------------------------------------------------------

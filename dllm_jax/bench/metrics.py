@@ -193,9 +193,10 @@ def stats_delta(before: Mapping, after: Mapping) -> dict:
   """The difference of two StepStats snapshots (dicts): counters subtract, phase_mix keeps the
   steps taken after ``before``."""
   out = {}
+  new_steps = after.get("steps", 0) - before.get("steps", 0)
   for k, v in after.items():
-    if k == "phase_mix":
-      out[k] = [tuple(m) for m in v[len(before.get(k, [])):]]
+    if k == "phase_mix":  # the engine keeps a bounded history: the newest entries are last
+      out[k] = [tuple(m) for m in list(v)[max(0, len(v) - new_steps):]]
     else:
       out[k] = v - before.get(k, 0)
   return out

@@ -49,7 +49,9 @@ class StepStats:
   host_seconds: float = 0.0
   device_seconds: float = 0.0
   transfers: int = 0
-  phase_mix: list = dataclasses.field(default_factory=list)  # (refresh, reuse) per step
+  phase_mix: list = dataclasses.field(default_factory=list)  # (refresh, reuse), recent steps
+
+  HISTORY = 100_000  # phase_mix keeps at most this many recent steps (a server runs forever)
 
 
 class EngineCore:
@@ -283,6 +285,8 @@ class EngineCore:
     st.device_seconds += t2 - t1
     st.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
     st.phase_mix.append((len(plan.refresh), len(plan.reuse)))
+    if len(st.phase_mix) > 2 * st.HISTORY:
+      del st.phase_mix[:-st.HISTORY]
     return finished
 
   def _stream(self, req: Request) -> None:

@@ -100,6 +100,7 @@ class LLM:
     self._core: EngineCore | None = None
     self._devices = devices
     self._outputs: dict[str, GenerationOutput] = {}
+    self._collect: set[str] = set()
 
   @property
   def core(self) -> EngineCore:
@@ -136,7 +137,8 @@ class LLM:
     outs = []
     for req in self.core.step():
       out = self._output(req)
-      self._outputs[req.request_id] = out
+      if req.request_id in self._collect:  # generate() is waiting for it
+        self._outputs[req.request_id] = out
       outs.append(out)
     return outs
 
@@ -166,6 +168,7 @@ class LLM:
         raise ValueError(f"prompt {i}: {e}") from None
     rids = [self.add_request(p, sp, spc, stream=stream, return_trace=return_trace)
             for p, sp, spc in zip(ids, sps, sparses)]
+    self._collect.update(rids)
     pending = set(rids)
     while pending:
       for out in self.step():
@@ -173,6 +176,7 @@ class LLM:
         if progress is not None:
           progress(len(rids) - len(pending), len(rids))
     outs = [self._outputs.pop(r) for r in rids]
+    self._collect.difference_update(rids)
     for i, (o, t) in enumerate(zip(outs, texts)):
       o.index, o.prompt = i, t
     return outs

@@ -1,0 +1,141 @@
+"""``dllm-jax serve``: the HTTP server from the command line.
+
+    dllm-jax serve [--model PATH] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+                   [--max-queue N] [engine flags]
+
+Wire it into the main CLI with::
+
+    p = sub.add_parser("serve", help="...")
+    add_serve_args(p)
+    p.set_defaults(func=run_serve)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _positive(v: str) -> int:
+  try:
+    n = int(v)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+  return n
+
+
+def _port(v: str) -> int:
+  n = _positive(v)
+  if n > 65535:
+    raise argparse.ArgumentTypeError(f"expected a port in [1, 65535], got {v!r}")
+  return n
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  p.description = ("Serve a diffusion LM over HTTP: OpenAI-compatible /v1/completions and "
+                   "/v1/chat/completions, native /v1/diffusion/generate, SSE streaming, "
+                   "/metrics and a demo page at /.")
+  p.add_argument("--model", help="model directory in HF layout (default: the bundled demo model)")
+  p.add_argument("--model-name", help="the id /v1/models reports (default: the directory name)")
+  p.add_argument("--host", default="127.0.0.1",
+                 help="bind address (default 127.0.0.1; use 0.0.0.0 to expose the server)")
+  p.add_argument("--port", type=_port, default=8000)
+  p.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
+                 help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
+                      "(default: $DLLM_API_KEY, else no auth)")
+  p.add_argument("--max-queue", type=_positive, default=64,
+                 help="requests that may wait for a running slot before new ones get 429")
+  p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                 help="seconds in-flight requests get to finish on shutdown")
+  p.add_argument("--log-level", default="info",
+                 choices=["critical", "error", "warning", "info", "debug"])
+  p.add_argument("--warmup", action="store_true",
+                 help="precompile the engine's step for every bucket before serving")
+  g = p.add_argument_group("engine (EngineConfig)")
+  g.add_argument("--max-running", type=_positive, help="requests decoded concurrently")
+  g.add_argument("--token-budget", type=_positive, help="tokens fed per step")
+  g.add_argument("--max-model-len", type=_positive, help="cap on prompt + gen_length")
+  g.add_argument("--scheduler", choices=["phase", "fcfs", "static"])
+  g.add_argument("--logits", choices=["auto", "full", "rows", "row_chunked", "vocab_tiled"])
+  g.add_argument("--num-pages", type=_positive, help="KV pool pages (overrides the budget)")
+  g.add_argument("--page-size", type=_positive)
+  g.add_argument("--memory-budget-bytes", type=_positive)
+  g.add_argument("--activation-budget-bytes", type=_positive)
+  g.add_argument("--max-block-length", type=_positive)
+  g.add_argument("--attn-impl", choices=["auto", "pallas", "reference", "interpret"])
+  s = p.add_argument_group("default sparse cache (requests may bring their own)")
+  s.add_argument("--sparse", dest="sparse", action="store_true", default=False,
+                 help="sparse KV caching for requests that do not choose (default: dense)")
+  s.add_argument("--keep-ratio", type=float)
+  s.add_argument("--pool-kernel", type=_positive)
+  s.add_argument("--delay", type=int)
+  s.add_argument("--selection", choices=["per_head", "shared", "per_head_adaptive"])
+  return p
+
+
+_ENGINE_FLAGS = ("max_running", "token_budget", "max_model_len", "scheduler", "logits",
+                 "num_pages", "page_size", "memory_budget_bytes", "activation_budget_bytes",
+                 "max_block_length", "attn_impl")
+
+
+def engine_config_from_args(args):
+  from dllm_jax.cache.sparse_state import SparseConfig
+  from dllm_jax.config import EngineConfig
+
+  kw = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None}
+  sparse_kw = {k: getattr(args, k) for k in ("keep_ratio", "pool_kernel", "delay", "selection")
+               if getattr(args, k, None) is not None}
+  if sparse_kw and not args.sparse:
+    raise ValueError("--keep-ratio / --pool-kernel / --delay / --selection need --sparse")
+  if args.sparse:
+    kw["sparse"] = SparseConfig(**sparse_kw)
+  kw["max_waiting"] = args.max_queue
+  return EngineConfig(**kw)
+
+
+def run_serve(args) -> int:
+  try:
+    import uvicorn
+
+    from dllm_jax.server.app import create_app
+  except ImportError as e:
+    raise ValueError(f"serving needs the server extras ({e.name} is missing): "
+                     "pip install fastapi uvicorn prometheus-client") from None
+  from dllm_jax.engine.engine import DEMO_MODEL_DIR, LLM
+
+  model = args.model or DEMO_MODEL_DIR
+  if not os.path.isdir(model):
+    raise FileNotFoundError(f"model directory not found: {model}")
+  cfg = engine_config_from_args(args)
+  llm = LLM(model, engine_config=cfg)
+  if llm.tokenizer is None:
+    print(f"dllm-jax serve: warning: {model} has no tokenizer.json; only token-id prompts on "
+          "/v1/diffusion/generate will work", file=sys.stderr)
+  if args.warmup:
+    n = llm.core.warmup()
+    print(f"dllm-jax serve: warm-up compiled {n} step variants", file=sys.stderr)
+  app = create_app(llm, api_key=args.api_key or None, model_name=args.model_name,
+                   max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
+  auth = "on" if args.api_key else "off"
+  print(f"dllm-jax serve: {model} on http://{args.host}:{args.port} (auth {auth}; demo page /)",
+        file=sys.stderr)
+  uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+              timeout_graceful_shutdown=int(args.shutdown_timeout) + 5)
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = add_serve_args(argparse.ArgumentParser(prog="dllm-jax serve"))
+  args = p.parse_args(argv)
+  try:
+    return run_serve(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"dllm-jax serve: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
