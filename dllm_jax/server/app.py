@@ -240,7 +240,8 @@ class _State:
 def create_app(llm, *, api_key: str | None = None, model_name: str | None = None,
                max_queue: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                shutdown_timeout: float = 30.0) -> FastAPI:
-  """A FastAPI app serving ``llm`` (a :class:`dllm_jax.engine.engine.LLM`).
+  """A FastAPI app serving ``llm`` (a :class:`dllm_jax.engine.engine.LLM`, or a list of them:
+  data-parallel replicas on disjoint devices behind this one front end, least-loaded routing).
 
   api_key: if set, /v1/* and /metrics need ``Authorization: Bearer <api_key>`` (401 otherwise).
   model_name: the id /v1/models reports (default: the model directory's name).
@@ -251,6 +252,8 @@ def create_app(llm, *, api_key: str | None = None, model_name: str | None = None
   from dllm_jax.server.metrics import ServerMetrics
 
   api_key = api_key or None  # "" means no auth, as an unset --api-key does
+  llms = list(llm) if isinstance(llm, (list, tuple)) else [llm]
+  llm = llms[0]
   if model_name is None:
     path = getattr(llm, "path", None)
     model_name = os.path.basename(os.path.normpath(path)) if path else "dllm-jax"
@@ -260,7 +263,17 @@ def create_app(llm, *, api_key: str | None = None, model_name: str | None = None
     raise ValueError(f"max_queue: expected a positive integer, got {max_queue!r}")
 
   metrics = ServerMetrics()
-  worker = EngineWorker(llm, max_queue=max_queue, on_finish=metrics.on_finish)
+  if len(llms) == 1:
+    worker = EngineWorker(llm, max_queue=max_queue, on_finish=metrics.on_finish)
+  else:  # data-parallel replicas behind this one front end (least-loaded routing)
+    from dllm_jax.server.router import ReplicaRouter
+
+    def on_finish(handle, out):
+      metrics.on_finish(handle, out)
+      worker.forget(handle.rid)
+
+    worker = ReplicaRouter([EngineWorker(x, max_queue=max_queue, on_finish=on_finish)
+                            for x in llms])
   metrics.bind(worker)
   state = _State(llm, worker, model_name, api_key, max_body_bytes, metrics)
 

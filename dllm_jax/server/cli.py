@@ -66,6 +66,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   g.add_argument("--activation-budget-bytes", type=_positive)
   g.add_argument("--max-block-length", type=_positive)
   g.add_argument("--attn-impl", choices=["auto", "pallas", "reference", "interpret"])
+  g.add_argument("--tp", type=_positive, help="tensor-parallel devices per replica")
+  p.add_argument("--replicas", type=_positive, default=1,
+                 help="data-parallel engines on disjoint device sets (least-loaded routing)")
   s = p.add_argument_group("default sparse cache (requests may bring their own)")
   s.add_argument("--sparse", dest="sparse", action="store_true", default=False,
                  help="sparse KV caching for requests that do not choose (default: dense)")
@@ -96,6 +99,25 @@ def engine_config_from_args(args):
   return EngineConfig(**kw)
 
 
+def build_replicas(model: str, cfg, replicas: int) -> list:
+  """``replicas`` engines, each on its own ``cfg.tp`` devices (disjoint sets)."""
+  import jax
+
+  from dllm_jax.engine.engine import LLM
+
+  devices = jax.devices()
+  need = replicas * cfg.tp
+  if need > len(devices):
+    raise ValueError(f"--replicas {replicas} x --tp {cfg.tp} needs {need} devices; "
+                     f"{len(devices)} available")
+  llms = []
+  for r in range(replicas):
+    llm = LLM(model, engine_config=cfg, devices=devices[r * cfg.tp:(r + 1) * cfg.tp])
+    llm.core  # build the engine (and its KV pool) on its devices now
+    llms.append(llm)
+  return llms
+
+
 def run_serve(args) -> int:
   try:
     import uvicorn
@@ -110,14 +132,15 @@ def run_serve(args) -> int:
   if not os.path.isdir(model):
     raise FileNotFoundError(f"model directory not found: {model}")
   cfg = engine_config_from_args(args)
-  llm = LLM(model, engine_config=cfg)
+  llms = build_replicas(model, cfg, args.replicas)
+  llm = llms[0]
   if llm.tokenizer is None:
     print(f"dllm-jax serve: warning: {model} has no tokenizer.json; only token-id prompts on "
           "/v1/diffusion/generate will work", file=sys.stderr)
   if args.warmup:
-    n = llm.core.warmup()
+    n = sum(r.core.warmup() for r in llms)
     print(f"dllm-jax serve: warm-up compiled {n} step variants", file=sys.stderr)
-  app = create_app(llm, api_key=args.api_key or None, model_name=args.model_name,
+  app = create_app(llms if len(llms) > 1 else llm, api_key=args.api_key or None, model_name=args.model_name,
                    max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
   auth = "on" if args.api_key else "off"
   print(f"dllm-jax serve: {model} on http://{args.host}:{args.port} (auth {auth}; demo page /)",
