@@ -116,10 +116,12 @@ class LLM:
     """Queue one request; returns its id. ``prompt``: text or token ids. ``sparse``: this
     request's SparseConfig (default: the engine's). ``stream(request_id, token_ids, finished)``
     is called with the committed left prefix of the generation whenever it grows."""
-    texts, ids = self._prompt_ids([prompt] if isinstance(prompt, str) or (
-        prompt and not isinstance(prompt[0], (list, tuple, np.ndarray))) else prompt)
-    if len(ids) != 1:
-      raise ValueError("add_request takes one prompt")
+    if not isinstance(prompt, (str, list, tuple, np.ndarray)):
+      raise ValueError(f"prompt: expected text or a list of token ids, got {type(prompt).__name__}")
+    if len(prompt) and not isinstance(prompt, str) and isinstance(prompt[0], (list, tuple,
+                                                                               np.ndarray)):
+      raise ValueError("add_request takes one prompt (text or token ids); use generate for many")
+    texts, ids = self._prompt_ids([list(prompt)] if not isinstance(prompt, str) else [prompt])
     sp = self._sampling_params(sampling_params, 1)[0]
     sparse = self.engine_config.sparse if sparse is None else sparse
     callback = None
