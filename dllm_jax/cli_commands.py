@@ -215,7 +215,7 @@ def _optional(register):
     try:
       register(sub)
     except ModuleNotFoundError as e:
-      if not (e.name or "").startswith(("fastapi", "uvicorn", "matplotlib", "httpx", "dllm_jax")):
+      if not (e.name or "").startswith(("fastapi", "uvicorn", "matplotlib", "httpx")):
         raise
   return wrapped
 

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from dllm_jax.logits import budgeter, variants
@@ -34,6 +35,7 @@ def _temp_bytes(variant, rows, d, vocab, dtype, c, tv):
 @pytest.mark.parametrize("rows,d,vocab,dtype", [
     (8192, 4096, 126464, jnp.bfloat16),   # the H100 programs, compiled (not run) for CPU
     (2048, 256, 32768, jnp.float32),
+    (500, 512, 50000, jnp.bfloat16),      # padded rows (C does not divide R), ragged vocab
 ])
 @pytest.mark.parametrize("variant,c,tv", [
     ("rows", None, None), ("row_chunked", 1024, None), ("vocab_tiled", None, 8192)])
@@ -75,3 +77,38 @@ def test_error_when_nothing_fits():
     budgeter.choose(1000, 8192, 4096, 126464, jnp.bfloat16)
   with pytest.raises(ValueError, match="variant"):
     budgeter.estimate_bytes("bogus", 1, 1, 1, jnp.float32)
+
+
+def test_fused_kernel_estimate_is_over_50x_below_monolithic():
+  args = (8192, 4096, 126464, jnp.bfloat16)
+  mono = budgeter.estimate_bytes("rows", *args, backend="gpu")
+  xla = budgeter.estimate_bytes("vocab_tiled", *args, 1024, 8192, backend="gpu")
+  kern = budgeter.estimate_bytes("vocab_tiled", *args, backend="gpu", impl="pallas",
+                                 vocab_splits=2)
+  assert mono / xla >= 30 and mono / kern >= 50
+  plan = budgeter.choose(8 * MIB, *args, backend="gpu", impl="pallas")
+  assert plan.variant == "vocab_tiled" and plan.est_bytes <= 8 * MIB
+
+
+def test_cost_rule_order():
+  sizes = budgeter.plan_sizes(1024, 1000)
+  assert sizes[0] == ("rows", None, None)
+  chunked = [c for v, c, _ in sizes if v == "row_chunked"]
+  assert chunked == sorted(chunked, reverse=True) and chunked[0] == 512
+  tiled = [(c, t) for v, c, t in sizes if v == "vocab_tiled"]
+  counts = [-(-1024 // c) * -(-1000 // t) for c, t in tiled]
+  assert counts == sorted(counts) and tiled[0] == (1024, 512)
+  order = [v for v, _, _ in sizes]
+  assert order.index("vocab_tiled") > max(i for i, v in enumerate(order) if v == "row_chunked")
+
+
+@pytest.mark.parametrize("rows,d,vocab,dtype,backend", [
+    (8192, 4096, 126464, jnp.bfloat16, "gpu"), (1000, 3584, 152064, jnp.bfloat16, "gpu"),
+    (256, 256, 4096, jnp.float32, "cpu"), (37, 64, 1000, jnp.float32, "cpu")])
+def test_sweep_never_over_budget(rows, d, vocab, dtype, backend):
+  smallest = min(p.est_bytes for p in budgeter.candidates(rows, d, vocab, dtype, backend))
+  for budget in np.geomspace(smallest, 8 * rows * vocab * 4, 40).astype(np.int64):
+    plan = budgeter.choose(int(budget), rows, d, vocab, dtype, backend=backend)
+    assert plan.est_bytes <= budget
+  with pytest.raises(ValueError, match="no logit plan fits"):
+    budgeter.choose(smallest - 1, rows, d, vocab, dtype, backend=backend)

@@ -1,92 +1,177 @@
-"""Pick the logit variant and its tile sizes from an activation budget (analytic memory model).
+"""Logit budgeter: pick the logit variant and its chunk sizes from an activation budget.
 
-Peak live bytes of turning hidden rows [R, d] (dtype b_in bytes) and a head [d, V] into per-row
-(token, confidence), by variant (f32 logits, 4 bytes):
+Analytic memory model (temporary bytes of the jitted decode, arguments and outputs excluded)
+for R rows, hidden size d, vocabulary V, head dtype of b bytes, row chunk C, vocab tile Tv:
 
-  rows / full    R * V * 4                       the whole logit matrix
-  row_chunked    C * V * 4 + C * d * b_in        one chunk of C rows and its gathered hidden rows
-  vocab_tiled    C * Tv * 4 + d * Tv * b_in      one [C, Tv] tile and the head slice it reads
-                 (C = R when unchunked)
+  full / rows   F * R*V*4                                  the f32 logits
+  row_chunked   F * C*V*4 + C*d*b           (+ pad)        one chunk's logits + its hidden slice
+  vocab_tiled   F * C*Tv*4 + d*Tv*b + [C<R] C*d*b (+ pad)  one logit tile + the head tile slice
+                                                           (+ the hidden chunk when chunked)
+  vocab_tiled, impl="pallas"  S*R'*32 (+ pad)              the kernel keeps tiles on chip; only
+                                                           the [S, R'] partial stats hit memory
+  every plan    + R*64                                     per-row stats and outputs
+  pad           R'*(d*b + 16) when R' = ceil(R/C)*C > R    the zero-padded copy of the rows
 
-plus O(R) per-row outputs (ignored). Times a per-backend, per-variant constant: 1.0 on GPU (the
-H100 figures for hidden [8192, 4096] bf16 x W [4096, 126464] -> (argmax, max prob): monolithic
-3.89 GiB, C = 1024 row chunks 534 MiB, Tv = 8192 tiles over all 8192 rows 352 MiB — the model
-gives 3.86 GiB, 502 MiB and 320 MiB); on CPU 1.0 / 1.1 / 1.3 for rows / row_chunked /
-vocab_tiled, because XLA:CPU keeps part of a second tile-sized temporary (the exp) alive in the
-loops (checked against ``compiled.memory_analysis()`` temp bytes in tests/test_budgeter.py).
+F is a per-backend factor: 1.05 on GPU, 1.0 on CPU. Calibration, hidden [8192, 4096] bf16 x
+head [4096, 126464] -> (argmax, max prob):
 
-"Fastest" follows a documented cost rule: fewest, largest tiles that fit. The order of preference
-is rows (one GEMM), then row_chunked with the largest C (powers of two) that fits, then
-vocab_tiled with the largest C and Tv; measured times (``timings``: {(variant, C, Tv): seconds})
-refine the choice among the plans that fit.
+  H100 measured                  model (GPU)
+  monolithic          3.89 GiB   4.05 GiB  (+4%)
+  row chunks C=1024   534 MiB    527 MiB   (-1%)
+  vocab tiles Tv=8192, C=R  352 MiB    333 MiB   (-5%)
+
+On CPU the same terms match ``compiled.memory_analysis().temp_size_in_bytes`` of this module's
+variants within a few percent (tests/test_budgeter.py), provided the loops slice with
+``slice_no_hoist``: XLA:CPU upcasts bf16 GEMM operands and would otherwise hoist an f32 copy of
+the whole head or hidden out of the loop.
+
+"Fastest" is a documented cost rule, not a measurement: fewest, largest tiles that fit. Order:
+rows, then row_chunked by C descending, then vocab_tiled by tile count ceil(R/C)*ceil(V/Tv)
+ascending (ties: larger C). C runs over R and the powers of two below it down to MIN_CHUNK, Tv
+over the powers of two below V down to ``min_vocab_tile``. A ``timings`` table
+{(variant, C, Tv): seconds} of measured plans (None for an unused size, as in the plans)
+overrides the rule among the plans that fit: the fastest measured one wins.
+No plan is ever returned over budget; if nothing fits, ValueError.
+
+Plans carry ``chunk_rows=None`` for rows/full and ``vocab_tile=None`` for rows/row_chunked.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterable, Mapping
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
-BACKEND_FACTOR = {"cpu": {"rows": 1.0, "full": 1.0, "row_chunked": 1.1, "vocab_tiled": 1.3}}
-CHUNKS = (8192, 4096, 2048, 1024, 512, 256, 128, 64, 32, 16)
-TILES = (32768, 16384, 8192, 4096, 2048, 1024, 512, 256)
+# Per-backend multiplier on the f32 logit block (GPU: fusion scratch around the logits).
+LOGIT_FACTOR = {"gpu": 1.05, "cuda": 1.05, "rocm": 1.05, "cpu": 1.0}
+ROW_BYTES = 64       # per-row stats (8 x f32 [R]) and outputs
+PARTIAL_BYTES = 32   # kernel partial stats per (split, row): 8 x 4 bytes
+KERNEL_ROWS = 64     # the Pallas kernel's row block (rows are padded to it)
+PREFERENCE = ("rows", "row_chunked", "vocab_tiled")
+MIN_CHUNK = 16        # smallest row chunk considered
+MIN_VOCAB_TILE = 128  # smallest vocab tile considered
 
 
 @dataclasses.dataclass(frozen=True)
-class LogitPlanChoice:
+class LogitPlan:
   variant: str
-  chunk_rows: int | None
-  vocab_tile: int | None
+  chunk_rows: int | None   # None: all rows at once
+  vocab_tile: int | None   # None: the whole vocabulary
   est_bytes: int
 
 
-def estimate_bytes(variant: str, rows: int, d: int, vocab: int, dtype, chunk_rows: int | None = None,
-                   vocab_tile: int | None = None, backend: str | None = None) -> int:
-  """Peak activation bytes of one variant (module docstring)."""
-  b = np.dtype(dtype).itemsize
-  backend = backend or jax.default_backend()
-  factor = BACKEND_FACTOR.get(backend, {}).get(variant, 1.0)
-  if variant in ("rows", "full"):
-    core = rows * vocab * 4
-  elif variant == "row_chunked":
-    c = min(chunk_rows or rows, rows)
-    core = c * vocab * 4 + c * d * b
-  elif variant == "vocab_tiled":
-    c = min(chunk_rows or rows, rows)
-    tv = min(vocab_tile or vocab, vocab)
-    core = c * tv * 4 + d * tv * b
-  else:
-    raise ValueError(f"variant: expected rows|full|row_chunked|vocab_tiled, got {variant!r}")
-  return int(core * factor)
+LogitPlanChoice = LogitPlan  # earlier name, kept for callers
 
 
-def candidates(rows: int, d: int, vocab: int, dtype, backend: str | None = None):
-  """Every plan in preference order (fewest, largest tiles first)."""
-  yield LogitPlanChoice("rows", None, None, estimate_bytes("rows", rows, d, vocab, dtype,
-                                                           backend=backend))
-  for c in CHUNKS:
-    if c < rows:
-      yield LogitPlanChoice("row_chunked", c, None, estimate_bytes(
-          "row_chunked", rows, d, vocab, dtype, c, backend=backend))
-  for c in (rows,) + tuple(x for x in CHUNKS if x < rows):
-    for tv in TILES:
-      if tv < vocab:
-        yield LogitPlanChoice("vocab_tiled", c, tv, estimate_bytes(
-            "vocab_tiled", rows, d, vocab, dtype, c, tv, backend=backend))
+def _itemsize(dtype) -> int:
+  return jnp.dtype(dtype).itemsize
 
 
-def choose(budget_bytes: int, rows: int, d: int, vocab: int, dtype, *, backend: str | None = None,
-           timings: dict | None = None) -> LogitPlanChoice:
-  """The fastest plan whose estimate fits ``budget_bytes``; ValueError when none does."""
+def _backend(backend: str | None) -> str:
+  b = jax.default_backend() if backend is None else backend
+  if b not in LOGIT_FACTOR:
+    raise ValueError(f"backend: expected one of {sorted(LOGIT_FACTOR)}, got {b!r}")
+  return b
+
+
+def _pad_bytes(r: int, c: int, d: int, b: int) -> int:
+  rp = -(-r // c) * c
+  return 0 if rp == r else rp * (d * b + 16)
+
+
+def estimate_bytes(variant: str, rows: int, d: int, vocab: int, dtype,
+                   chunk_rows: int | None = None, vocab_tile: int | None = None,
+                   backend: str | None = None, *, impl: str = "xla",
+                   vocab_splits: int = 1) -> int:
+  """Temporary bytes of ``decode_rows`` for one plan (module docstring).
+
+  chunk_rows defaults to all rows, vocab_tile to the whole vocabulary. impl: "xla" (the jnp
+  paths) or "pallas" (vocab_tiled through the fused kernel, ``vocab_splits`` partials).
+  """
+  for name, x in (("rows", rows), ("d", d), ("vocab", vocab)):
+    if x < 1:
+      raise ValueError(f"{name}: must be >= 1, got {x}")
+  if variant not in ("full", "rows", "row_chunked", "vocab_tiled"):
+    raise ValueError(f"variant: expected full|rows|row_chunked|vocab_tiled, got {variant!r}")
+  f = LOGIT_FACTOR[_backend(backend)]
+  b = _itemsize(dtype)
+  r = rows
+  c = min(chunk_rows or r, r)
+  tv = min(vocab_tile or vocab, vocab)
+  per_row = r * ROW_BYTES
+  chunk = c * d * b if c < r else 0  # the sliced hidden chunk
+  if variant in ("full", "rows"):
+    return int(f * r * vocab * 4) + per_row
+  if variant == "row_chunked":
+    return int(f * c * vocab * 4) + chunk + _pad_bytes(r, c, d, b) + per_row
+  if impl == "pallas":
+    rp = -(-r // KERNEL_ROWS) * KERNEL_ROWS
+    return vocab_splits * rp * PARTIAL_BYTES + _pad_bytes(r, KERNEL_ROWS, d, b) + per_row
+  if impl != "xla":
+    raise ValueError(f"impl: expected 'xla' or 'pallas', got {impl!r}")
+  return int(f * c * tv * 4) + d * tv * b + chunk + _pad_bytes(r, c, d, b) + per_row
+
+
+def _pow2_below(n: int, floor: int = 1) -> list[int]:
+  """Powers of two p with floor <= p < n, descending."""
+  out, p = [], 1
+  while p < n:
+    if p >= floor:
+      out.append(p)
+    p *= 2
+  return out[::-1]
+
+
+def plan_sizes(rows: int, vocab: int, *, min_vocab_tile: int = MIN_VOCAB_TILE,
+               variants: Iterable[str] = PREFERENCE) -> list[tuple[str, int | None, int | None]]:
+  """(variant, C, Tv) in cost-rule order: fewest, largest tiles first."""
+  variants = tuple(variants)
+  out: list[tuple[str, int | None, int | None]] = []
+  if "rows" in variants:
+    out.append(("rows", None, None))
+  if "row_chunked" in variants:
+    out += [("row_chunked", c, None) for c in _pow2_below(rows, MIN_CHUNK)]
+  if "vocab_tiled" in variants:
+    tiles = _pow2_below(vocab, min(min_vocab_tile, vocab)) or [vocab]
+    cs = [rows] + _pow2_below(rows, MIN_CHUNK)
+    vt = [(c, t) for c in cs for t in tiles]
+    vt.sort(key=lambda ct: (-(-rows // ct[0]) * -(-vocab // ct[1]), -ct[0]))
+    out += [("vocab_tiled", c, t) for c, t in vt]
+  return out
+
+
+def candidates(rows: int, d: int, vocab: int, dtype, backend: str | None = None, *,
+               impl: str = "xla", min_vocab_tile: int = MIN_VOCAB_TILE,
+               variants: Iterable[str] = PREFERENCE):
+  """Every plan with its estimate, in preference order."""
+  for v, c, tv in plan_sizes(rows, vocab, min_vocab_tile=min_vocab_tile, variants=variants):
+    yield LogitPlan(v, c, tv, estimate_bytes(v, rows, d, vocab, dtype, c, tv, backend,
+                                             impl=impl if v == "vocab_tiled" else "xla"))
+
+
+def choose(budget_bytes: int, rows: int, d: int, vocab: int, dtype, *,
+           backend: str | None = None, timings: Mapping | None = None, impl: str = "xla",
+           min_vocab_tile: int = MIN_VOCAB_TILE,
+           variants: Iterable[str] = PREFERENCE) -> LogitPlan:
+  """The fastest plan (cost rule or ``timings``) whose estimate fits ``budget_bytes``.
+
+  impl="pallas" estimates vocab_tiled as the fused kernel (use it when the decode runs on a GPU
+  with impl auto/pallas). Raises ValueError when no plan fits.
+  """
   if rows < 1 or d < 1 or vocab < 1:
     raise ValueError(f"rows, d and vocab must be positive, got {rows}, {d}, {vocab}")
-  fits = [p for p in candidates(rows, d, vocab, dtype, backend) if p.est_bytes <= budget_bytes]
+  backend = _backend(backend)
+  plans = list(candidates(rows, d, vocab, dtype, backend, impl=impl,
+                          min_vocab_tile=min_vocab_tile, variants=variants))
+  fits = [p for p in plans if p.est_bytes <= budget_bytes]
   if not fits:
-    smallest = min(candidates(rows, d, vocab, dtype, backend), key=lambda p: p.est_bytes)
-    raise ValueError(f"no logit plan fits {budget_bytes:,} bytes for {rows} rows x vocab {vocab}; "
-                     f"the smallest ({smallest.variant}, C={smallest.chunk_rows}, "
-                     f"Tv={smallest.vocab_tile}) needs {smallest.est_bytes:,}")
+    s = min(plans, key=lambda p: p.est_bytes)
+    raise ValueError(
+        f"no logit plan fits {budget_bytes:,} bytes for {rows} rows x vocab {vocab} "
+        f"(d={d}, {jnp.dtype(dtype).name}, {backend}); the smallest ({s.variant}, "
+        f"C={s.chunk_rows}, Tv={s.vocab_tile}) needs {s.est_bytes:,}")
   if timings:
     timed = [p for p in fits if (p.variant, p.chunk_rows, p.vocab_tile) in timings]
     if timed:

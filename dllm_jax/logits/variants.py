@@ -32,11 +32,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax import lax
 
 from dllm_jax.decoding import noise
 from pallas_kernels.fused_lm_head import ops as fused_ops
-from pallas_kernels.fused_lm_head.reference import finalize, logits_stats
+from pallas_kernels.fused_lm_head.reference import finalize, logits_stats, map_row_chunks
 
 VARIANTS = ("full", "rows", "row_chunked", "vocab_tiled")
 
@@ -81,20 +80,10 @@ def _monolithic(hidden, head, p: RowParams, want_margin, want_entropy):
 
 
 def _row_chunked(hidden, head, p: RowParams, c, want_margin, want_entropy):
-  r, d = hidden.shape
-  c = min(c, r)
-  n = -(-r // c)
-  rp = n * c
-  pad = lambda x: x if rp == r else jnp.pad(x, [(0, rp - r)] + [(0, 0)] * (x.ndim - 1))
-  xs = (hidden, p.temperature, p.seed, p.step, p.position)
-  xs = tuple(pad(x).reshape((n, c) + x.shape[1:]) for x in xs)
-
-  def chunk(a):
-    h, t, s, st, pos = a
+  def chunk(h, t, s, st, pos):
     return _monolithic(h, head, RowParams(t, s, st, pos), want_margin, want_entropy)
 
-  outs = lax.map(chunk, xs)
-  return tuple(None if o is None else o.reshape(rp)[:r] for o in outs)
+  return map_row_chunks(chunk, (hidden, p.temperature, p.seed, p.step, p.position), c)
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "chunk_rows", "vocab_tile", "want_margin",

@@ -14,8 +14,8 @@ Per row, over the columns seen so far (clean logits ``l``, noisy scores ``s = l 
 Finalising: lse = m + log se, confidence = exp(bl - lse), margin = exp(t1 - lse) - exp(t2 - lse),
 entropy_conf = sum p log p = ae / se - log se. se >= 1 always (the max contributes 1), so no NaN.
 
-Masked columns hold ``MASK_VALUE`` (large, finite): exp(MASK - m) == 0 and 0 * (MASK - m) == 0,
-where -inf would give NaN.
+Masked columns hold (kernel) or get added (XLA) ``MASK_VALUE`` (large, finite): exp(MASK - m) == 0
+and 0 * (MASK - m) == 0, where -inf would give NaN.
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def _sum2(a, b):
   return lax.reduce((a, b), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]), (1,))
 
 
-def _second_max(l):
-  """Second largest value per row over axis 1 (a repeated maximum counts twice), one pass."""
+def _top2(l):
+  """(largest, second largest) per row over axis 1 (a repeated maximum counts twice), one pass."""
   neg = jnp.float32(MASK_VALUE)
 
   def top2(x, y):
     return jnp.maximum(x[0], y[0]), jnp.maximum(jnp.minimum(x[0], y[0]), jnp.maximum(x[1], y[1]))
 
-  return lax.reduce((l, jnp.full_like(l, neg)), (neg, neg), top2, (1,))[1]
+  return lax.reduce((l, jnp.full_like(l, neg)), (neg, neg), top2, (1,))
 
 
 def tile_stats(l, start, lo, temperature, seed, step, position, *, hot, want_margin=False,
@@ -90,36 +90,55 @@ def tile_stats(l, start, lo, temperature, seed, step, position, *, hot, want_mar
   """
   c, t = l.shape
   local = jnp.arange(t, dtype=jnp.int32)
-  if lo is not None:
-    valid = (start + local) >= lo
-    l = jnp.where(valid[None, :], l, MASK_VALUE)
-  m = jnp.max(l, axis=1)
-  lm = l - m[:, None]
-  e = jnp.exp(lm)
-  if want_entropy and not in_kernel:
-    se, ae = _sum2(e, e * lm)
-  elif want_entropy:
-    se, ae = jnp.sum(e, axis=1), jnp.sum(e * lm, axis=1)
-  else:
-    se, ae = jnp.sum(e, axis=1), jnp.zeros_like(m)
-  if want_margin and not in_kernel:
-    t2 = _second_max(l)
-  elif want_margin:  # Triton has no variadic reduce: mask the first maximum, take the max again
-    i1 = jnp.argmax(l, axis=1).astype(jnp.int32)
-    t2 = jnp.max(jnp.where(local[None, :] == i1[:, None], MASK_VALUE, l), axis=1)
-  else:
-    t2 = jnp.full_like(m, MASK_VALUE)
+  raw = l  # the unmasked tile (the GEMM output)
+  valid = None if lo is None else ((start + local) >= lo)[None, :]
 
+  def masked(x, fill):
+    return x if valid is None else jnp.where(valid, x, fill)
+
+  # XLA paths mask by adding 0 / MASK_VALUE per column: XLA:CPU fuses a broadcast add into
+  # the reductions but materialises a broadcast select (measured).
+  bias = None if lo is None else jnp.where(valid, 0.0, MASK_VALUE).astype(jnp.float32)
+
+  def biased(x):
+    return x if bias is None else x + bias
+
+  if in_kernel:  # registers: share one masked tile; Triton has no variadic reduce
+    l = masked(raw, MASK_VALUE)
+    m = jnp.max(l, axis=1)
+    lm = l - m[:, None]
+    e = jnp.exp(lm)
+    se = jnp.sum(e, axis=1)
+    ae = jnp.sum(e * lm, axis=1) if want_entropy else jnp.zeros_like(m)
+    if want_margin:  # mask the first maximum, take the max again
+      i1 = jnp.argmax(l, axis=1).astype(jnp.int32)
+      t2 = jnp.max(jnp.where(local[None, :] == i1[:, None], MASK_VALUE, l), axis=1)
+    else:
+      t2 = jnp.full_like(m, MASK_VALUE)
+  else:
+    # Variadic reductions throughout: XLA:CPU fuses the biased tile into them, but materialises
+    # it in front of a plain max/sum (one more tile buffer, measured). t2 / ae cost a few flops.
+    m, t2 = _top2(biased(raw))
+    if not want_margin:
+      m = jnp.maximum(m, t2)  # == m; keeps the reduction variadic (XLA drops unused outputs)
+      t2 = jnp.full_like(m, MASK_VALUE)
+    lm = biased(raw) - m[:, None]  # masked columns: about MASK_VALUE, so exp(lm) == 0
+    e = jnp.exp(lm)
+    se, ae = _sum2(e, e * lm)
+    if not want_entropy:
+      se = se + 0.0 * ae  # == se (ae is finite); same reason
+      ae = jnp.zeros_like(m)
+
+  # best() reads only the raw tile: under lax.cond a masked tile would be a cond operand, which
+  # XLA must materialise (one more [C, T] buffer, measured).
   def best(noisy: bool):
+    s = raw
     if noisy:
       g = noise.gumbel(seed[:, None], step[:, None], position[:, None], (start + local)[None, :])
-      s = l + temperature[:, None] * g
-      if lo is not None:
-        s = jnp.where(valid[None, :], s, MASK_VALUE)
-    else:
-      s = l
+      s = raw + temperature[:, None] * g
+    s = masked(s, MASK_VALUE) if in_kernel else biased(s)
     i = jnp.argmax(s, axis=1).astype(jnp.int32)  # first maximum: ties -> lowest id
-    bl = _pick(l, i, local, in_kernel)
+    bl = _pick(raw, i, local, in_kernel)  # i is never a masked column
     # Recompute the winner's score on [C] instead of gathering from s: s then has one consumer
     # (the argmax), so XLA fuses it away instead of materialising [C, T].
     bs = bl + temperature * noise.gumbel(seed, step, position, start + i) if noisy else bl
@@ -193,16 +212,37 @@ def _pad_rows(x, rows: int):
   return x if x.shape[0] == rows else jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def _slice_cols(head, start, width):
-  """head[:, start:start+width] for a traced start, inside a loop body.
+def slice_no_hoist(x, start, size: int, axis: int):
+  """``lax.dynamic_slice_in_dim`` for use inside a loop body, for a loop-invariant ``x``.
 
-  The barrier ties the head to the loop-variant start so XLA cannot hoist a dtype conversion
-  of the whole head out of the loop: XLA:CPU upcasts bf16 GEMM operands and otherwise converts
-  the entire head to f32 before the loop (a 2 GiB temp at LLaDA size, measured). On GPU the
-  barrier is a no-op.
+  The barrier ties ``x`` to the loop-variant start. Without it XLA:CPU, which upcasts bf16
+  GEMM operands, converts the *whole* array (the head, or all hidden rows) to f32 before the
+  loop: measured 2 GiB extra at LLaDA size for the head, 128 MiB for hidden [8192, 4096].
+  On GPU the barrier costs nothing.
   """
-  head, start = lax.optimization_barrier((head, start))
-  return lax.dynamic_slice_in_dim(head, start, width, axis=1)
+  x, start = lax.optimization_barrier((x, start))
+  return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def map_row_chunks(fn, arrays, chunk_rows: int):
+  """Apply ``fn`` to row chunks of ``arrays`` (each [R, ...]) in sequence (lax.map).
+
+  ``fn`` gets the chunk's arrays ([C, ...]) and returns a pytree of [C] arrays (None allowed).
+  R is padded to a multiple of C with zero rows; results are sliced back to [R].
+  """
+  r = arrays[0].shape[0]
+  c = min(chunk_rows, r)
+  n = _cdiv(r, c)
+  rp = n * c
+  arrays = tuple(_pad_rows(x, rp) for x in arrays)
+  if n == 1:
+    return fn(*arrays)
+
+  def body(i):
+    return fn(*(slice_no_hoist(x, i * c, c, 0) for x in arrays))
+
+  out = lax.map(body, jnp.arange(n, dtype=jnp.int32))
+  return jax.tree.map(lambda x: x.reshape((rp,) + x.shape[2:])[:r], out)
 
 
 def fused_lm_head_reference(hidden, head, temperature, seed, step, position, *, chunk_rows: int,
@@ -219,31 +259,20 @@ def fused_lm_head_reference(hidden, head, temperature, seed, step, position, *, 
   r, d = hidden.shape
   v = head.shape[1]
   tv = min(vocab_tile, v)
-  c = min(chunk_rows, r)
   nt = _cdiv(v, tv)
   ragged = v % tv != 0
-  n = _cdiv(r, c)
-  rp = n * c
-  rows = tuple(_pad_rows(x, rp) for x in (hidden, temperature, seed, step, position))
 
-  def one_chunk(args):
-    h, t, sd, st, ps = args
+  def one_chunk(h, t, sd, st, ps):
     hot = jnp.any(t > 0)
 
     def body(j, acc):
       lo = j * tv
-      start = jnp.minimum(lo, v - tv)
-      w = _slice_cols(head, start, tv)
-      l = jnp.dot(h, w, preferred_element_type=jnp.float32)
+      start = jnp.minimum(lo, v - tv)  # the ragged last tile re-reads some columns: masked
+      l = jnp.dot(h, slice_no_hoist(head, start, tv, 1), preferred_element_type=jnp.float32)
       return merge(acc, tile_stats(l, start, lo if ragged else None, t, sd, st, ps, hot=hot,
                                    want_margin=want_margin, want_entropy=want_entropy))
 
-    return lax.fori_loop(0, nt, body, init_stats(c))
+    return finalize(lax.fori_loop(0, nt, body, init_stats(h.shape[0])), want_margin,
+                    want_entropy)
 
-  if n == 1:
-    st = one_chunk(rows)
-  else:
-    st = lax.map(one_chunk, tuple(x.reshape((n, c) + x.shape[1:]) for x in rows))
-    st = Stats(*(x.reshape((rp,)) for x in st))
-  st = Stats(*(x[:r] for x in st))
-  return finalize(st, want_margin, want_entropy)
+  return map_row_chunks(one_chunk, (hidden, temperature, seed, step, position), chunk_rows)

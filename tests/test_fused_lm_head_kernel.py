@@ -1,0 +1,99 @@
+"""Fused LM head kernel: interpret mode vs the jnp reference, and lowering for 'cuda' on CPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.common import cuda_lowering_text
+from pallas_kernels.fused_lm_head import kernel, ops
+
+S = jax.ShapeDtypeStruct
+TRITON = "__gpu$xla.gpu.triton"
+
+
+def _inputs(rng, r, d, v, dtype, dyadic):
+  if dyadic:  # exact GEMMs: kernel K-chunking and XLA's GEMM give identical logits
+    h = rng.integers(-8, 9, (r, d)) / 8.0
+    w = rng.integers(-8, 9, (d, v)) / 32.0
+  else:
+    h = rng.standard_normal((r, d))
+    w = rng.standard_normal((d, v)) / np.sqrt(d)
+  t = rng.uniform(0.3, 1.5, r) * (rng.uniform(size=r) < 0.6)
+  return (jnp.asarray(h, dtype), jnp.asarray(w, dtype), jnp.asarray(t, jnp.float32),
+          jnp.asarray(rng.integers(0, 2**32, r, dtype=np.uint64).astype(np.uint32)),
+          jnp.asarray(rng.integers(0, 64, r), jnp.int32), jnp.arange(r, dtype=jnp.int32))
+
+
+# (R, d, V, dtype, block_rows, block_vocab, block_k, vocab_splits, dyadic)
+CASES = [
+    (37, 96, 1000, jnp.float32, 16, 128, 32, 1, True),     # ragged rows, K tail, vocab tail
+    (64, 128, 512, jnp.float32, 32, 128, 64, 2, True),     # exact multiples, 2 splits
+    (20, 64, 700, jnp.float32, 16, 256, 64, None, False),  # auto splits, random weights
+    (32, 256, 384, jnp.bfloat16, 16, 128, 128, 3, True),   # bf16, 3 tiles in 3 splits
+]
+
+
+@pytest.mark.parametrize("r,d,v,dtype,br,bv,bk,splits,dyadic", CASES)
+def test_interpret_matches_reference(r, d, v, dtype, br, bv, bk, splits, dyadic):
+  args = _inputs(np.random.default_rng(r + d), r, d, v, dtype, dyadic)
+  kw = dict(want_margin=True, want_entropy=True)
+  ref = ops.fused_lm_head(*args, chunk_rows=16, vocab_tile=128, impl="reference", **kw)
+  out = ops.fused_lm_head(*args, impl="interpret", block_rows=br, block_vocab=bv, block_k=bk,
+                          vocab_splits=splits, **kw)
+  np.testing.assert_array_equal(out.token, ref.token)
+  for a, b in ((out.confidence, ref.confidence), (out.margin, ref.margin)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(out.entropy, ref.entropy, atol=1e-5, rtol=1e-6)
+  for x in out:
+    assert np.isfinite(np.asarray(x)).all()
+
+
+def test_interpret_is_deterministic_and_skips_unwanted_outputs():
+  args = _inputs(np.random.default_rng(9), 24, 64, 300, jnp.float32, False)
+  kw = dict(impl="interpret", block_rows=16, block_vocab=128, block_k=64)
+  a = ops.fused_lm_head(*args, **kw)
+  b = ops.fused_lm_head(*args, **kw)
+  assert a.margin is None and a.entropy is None
+  np.testing.assert_array_equal(a.token, b.token)
+  np.testing.assert_array_equal(a.confidence, b.confidence)
+
+
+def test_block_validation():
+  args = _inputs(np.random.default_rng(0), 8, 32, 64, jnp.float32, True)
+  with pytest.raises(ValueError, match="power of two"):
+    ops.fused_lm_head(*args, impl="interpret", block_rows=48)
+  with pytest.raises(ValueError, match="temperature"):
+    ops.fused_lm_head(args[0], args[1], args[2][:4], *args[3:], impl="reference")
+  with pytest.raises(ValueError, match="impl"):
+    ops.fused_lm_head(*args, impl="gpu")
+  assert ops.kernel_blocks(5, 4096, 126464) == (16, 128, 64, 264)
+  assert ops.kernel_blocks(8192, 4096, 126464) == (64, 128, 64, 2)
+  assert ops.kernel_blocks(300, 100, 100, block_vocab=256) == (64, 64, 64, 2)
+
+
+def _lower(r, d, v, dtype, br, bv, bk, splits, **kw):
+  fn = functools.partial(kernel.fused_lm_head_partials, block_rows=br, block_vocab=bv,
+                         block_k=bk, vocab_splits=splits, **kw)
+  return cuda_lowering_text(fn, S((r, d), dtype), S((d, v), dtype), S((r,), jnp.float32),
+                            S((r,), jnp.uint32), S((r,), jnp.int32), S((r,), jnp.int32))
+
+
+@pytest.mark.parametrize("label,r,d,v,dtype,br,bv,bk,splits,flags", [
+    # the engine's configuration: bf16, d = 4096 in K chunks of 64, a small vocabulary
+    ("bf16-d4096", 128, 4096, 1024, jnp.bfloat16, 64, 128, 64, 2, (False, False)),
+    ("bf16-d4096-margin-entropy", 64, 4096, 1000, jnp.bfloat16, 64, 128, 64, 1, (True, True)),
+    ("f32", 64, 256, 4096, jnp.float32, 32, 128, 32, 4, (True, False)),
+    ("f32-ragged-k", 32, 100, 700, jnp.float32, 16, 256, 64, 1, (False, True)),
+])
+def test_lowers_for_cuda(label, r, d, v, dtype, br, bv, bk, splits, flags):
+  text = _lower(r, d, v, dtype, br, bv, bk, splits, want_margin=flags[0],
+                want_entropy=flags[1])
+  assert TRITON in text, label
+
+
+def test_non_power_of_two_block_fails_lowering():
+  with pytest.raises(Exception, match="power of 2"):
+    _lower(96, 256, 512, jnp.float32, 48, 128, 64, 1)
