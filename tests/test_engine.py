@@ -535,16 +535,7 @@ def test_memory_budget_sizes_the_pool(model):
     LLM(model, engine_config=cfg.replace(memory_budget_bytes=weights)).core
 
 
-MEMORY_BUG = (
-    "engine/memory.py pages_for_budget (line ~81): the 'largest step' it subtracts uses "
-    "pow2(min(max_refresh_rows, token_budget // max_len_bucket)) Refresh rows at the max length "
-    "bucket, but with no activation budget the scheduler runs more, shorter rows whose pow2 "
-    "row/length buckets exceed it (3 canvases of 33-40 tokens in a 128-token budget -> Br=4, "
-    "N=64 vs the assumed Br=2, N=64), so weights + pool + that step's estimate > "
-    "memory_budget_bytes")
 
-
-@pytest.mark.xfail(strict=True, reason=MEMORY_BUG)
 def test_memory_budget_holds_for_every_step(model):
   """weights + pool + the activation estimate of a step the engine runs stay within
   memory_budget_bytes (no activation budget set: the pool sizing is the only guard)."""

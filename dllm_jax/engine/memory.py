@@ -69,8 +69,8 @@ def pages_for_budget(budget: int, mcfg: ModelConfig, cfg: EngineConfig, pool, dt
                      max_len_bucket: int) -> int:
   """KV pages that fit: (budget - weights - activation peak of the largest step) / page bytes.
 
-  The largest step is max_refresh_rows x max length plus max_reuse_rows Reuse rows (or the
-  activation budget, when one is set). Compare dLLM-Serve's
+  The largest step is pow2(max_refresh_rows) x the longest length bucket plus max_reuse_rows
+  Reuse rows, an upper bound of every bucketed step (or the activation budget, when one is set). Compare dLLM-Serve's
   ``(total*util - used - peak + current) / page_bytes`` (spec §5.3): the same subtraction, with
   the peak taken from the analytic model instead of a warm-up run.
   """
@@ -78,8 +78,9 @@ def pages_for_budget(budget: int, mcfg: ModelConfig, cfg: EngineConfig, pool, dt
   from dllm_jax.engine.runner import pow2_at_least
 
   cand = pow2_at_least(cfg.max_block_length, 8)
-  rows = min(cfg.max_refresh_rows, max(1, cfg.token_budget // max_len_bucket))
-  shapes = Shapes(refresh_rows=pow2_at_least(rows), length=max_len_bucket,
+  # Upper bound of any step the scheduler can run: shorter canvases allow more Refresh rows, and
+  # every bucket rounds up, so take the row cap at the longest length bucket.
+  shapes = Shapes(refresh_rows=pow2_at_least(cfg.max_refresh_rows), length=max_len_bucket,
                   reuse_rows=pow2_at_least(cfg.max_reuse_rows),
                   query_rows=cand + (1 if mcfg.shifted_prediction else 0), cand=cand)
   peak = cfg.activation_budget_bytes
