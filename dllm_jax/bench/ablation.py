@@ -628,6 +628,8 @@ def plot_sweep(sweep: dict, path: str) -> None:
   a2 = a1.twinx()
   a2.plot(xs, p99, "s--", color="#ef6c00", label="P99 latency")
   a2.set_ylabel("P99 latency (s)", color="#ef6c00")
+  a1.set_ylim(bottom=0)
+  a2.set_ylim(bottom=0)
   a1.set_title(f"all-on sweep over {sweep['name']} ({sweep['workload']['name']})", fontsize=10)
   a1.grid(alpha=0.3)
   fig.tight_layout()
