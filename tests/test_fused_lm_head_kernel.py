@@ -51,6 +51,29 @@ def test_interpret_matches_reference(r, d, v, dtype, br, bv, bk, splits, dyadic)
     assert np.isfinite(np.asarray(x)).all()
 
 
+@pytest.mark.parametrize("excl,bv", [(300, 128), (999, 128), (0, 256)])
+def test_exclude_id_is_never_chosen_but_stays_in_the_softmax(excl, bv):
+  """Column ``excl`` (the mask id in the engine) is rigged to win every row; the token must be
+  the best other column, the confidence its probability under the FULL softmax (numpy, f64)."""
+  r, d, v = 24, 64, 1000
+  h, w, t, seed, step, pos = _inputs(np.random.default_rng(excl), r, d, v, jnp.float32, True)
+  w = w.at[:, excl].set(4.0 * jnp.sign(h.sum(0)))  # dyadic: exact logits
+  t = jnp.zeros_like(t)
+  logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+  assert (logits.argmax(1) == excl).any(), "rig failed: the excluded id must win somewhere"
+  others = np.where(np.arange(v) == excl, -np.inf, logits)
+  want = others.argmax(1)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  args = (h, w, t, seed, step, pos)
+  ref = ops.fused_lm_head(*args, chunk_rows=16, vocab_tile=bv, impl="reference", exclude_id=excl)
+  out = ops.fused_lm_head(*args, impl="interpret", block_rows=16, block_vocab=bv, block_k=32,
+                          vocab_splits=2, exclude_id=excl)
+  for got in (ref, out):
+    np.testing.assert_array_equal(got.token, want)
+    np.testing.assert_allclose(got.confidence, p[np.arange(r), want], atol=1e-6, rtol=0)
+
+
 def test_interpret_is_deterministic_and_skips_unwanted_outputs():
   args = _inputs(np.random.default_rng(9), 24, 64, 300, jnp.float32, False)
   kw = dict(impl="interpret", block_rows=16, block_vocab=128, block_k=64)
@@ -87,10 +110,11 @@ def _lower(r, d, v, dtype, br, bv, bk, splits, **kw):
     ("bf16-d4096-margin-entropy", 64, 4096, 1000, jnp.bfloat16, 64, 128, 64, 1, (True, True)),
     ("f32", 64, 256, 4096, jnp.float32, 32, 128, 32, 4, (True, False)),
     ("f32-ragged-k", 32, 100, 700, jnp.float32, 16, 256, 64, 1, (False, True)),
+    ("bf16-exclude-mask-id", 64, 256, 1000, jnp.bfloat16, 64, 128, 64, 2, (False, False, 126)),
 ])
 def test_lowers_for_cuda(label, r, d, v, dtype, br, bv, bk, splits, flags):
   text = _lower(r, d, v, dtype, br, bv, bk, splits, want_margin=flags[0],
-                want_entropy=flags[1])
+                want_entropy=flags[1], exclude_id=flags[2] if len(flags) > 2 else None)
   assert TRITON in text, label
 
 

@@ -144,16 +144,6 @@ def first_pass(llm, warmed):
   return dict(outs=outs, mix=mix, traces=runner.compile_count - traces, compiles=names)
 
 
-HOST_BUG = (
-    "engine/batch.py build_step (lines ~113-140) makes its device inputs with jnp.asarray, which "
-    "in this JAX dispatches a jitted `stage` compiled per new shape/dtype; EngineCore.warmup "
-    "(core.py) builds its inputs with jnp.full/zeros in batch.dummy_step instead, so after "
-    "warm-up the first real pass still runs ~22 XLA compilations of jit(stage) (host-side "
-    "conversions), and jax.no_tracing() around it raises RuntimeError ('re-tracing function "
-    "stage ... no_tracing is set'). Passing the numpy arrays straight to the jitted step (or "
-    "jax.device_put) and warming up through build_step would avoid it")
-
-
 def test_documented_bound():
   # runner.py: |C| * ((|Br| * |N| + 1) * (|Bu| + 1) - 1) with Br {1, 2}, N {32}, Bu {1, 2}, C {8}
   assert bucket_sizes(1, 2) == [1, 2] and bucket_sizes(32, 32) == [32]
@@ -182,8 +172,9 @@ def test_first_pass_after_warmup_compiles_no_step(first_pass):
   assert first_pass["traces"] == 0 and STEP not in first_pass["compiles"]
 
 
-@pytest.mark.xfail(strict=True, reason=HOST_BUG)
 def test_first_pass_after_warmup_compiles_nothing_on_the_host(first_pass):
+  """Not even host-side conversions: batch.build_step hands numpy to the jitted step (a
+  jnp.asarray per input compiled one conversion per new shape after warm-up)."""
   assert first_pass["compiles"] == [], first_pass["compiles"]
 
 

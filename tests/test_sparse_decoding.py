@@ -240,9 +240,9 @@ def ref_sparse_decode(npm: NpModel, prompt, sp: SamplingParams, delay: int, *,
     for q in block:
       if canvas[q] != MASK:
         continue
-      x0[q], conf[q], gap = decide_position(
+      x0[q], conf[q], gap, _ = decide_position(
           logits[q - start], temperature=sp.temperature, seed=sp.seed, step=step, position=int(q),
-          confidence=sp.confidence)
+          confidence=sp.confidence, mask_id=MASK)
       gaps.append(Gap(gap, step, int(q), "vocab argmax"))
     k = counts[block_step] if block_step < len(counts) else 0
     for q in choose_commits(conf, rule=sp.rule, k=k, threshold=sp.threshold, factor=sp.factor,

@@ -121,7 +121,7 @@ def decode_candidates(model: Transformer, hidden, spec: RowSpec, state: DecodeSt
   out = variants.decode_rows(
       rows, head, params, variant="rows" if plan.variant == "full" else plan.variant,
       chunk_rows=plan.chunk_rows, vocab_tile=plan.vocab_tile, want_margin=static.want_margin,
-      want_entropy=static.want_entropy, impl=plan.impl)
+      want_entropy=static.want_entropy, exclude_id=static.mask_id, impl=plan.impl)
 
   def back(x):
     if x is None:

@@ -1,10 +1,13 @@
-"""Turn a scheduler plan into the bucketed device inputs of one step (host side, numpy only)."""
+"""Turn a scheduler plan into the bucketed device inputs of one step (host side, numpy only).
+
+The inputs stay numpy arrays: the jitted step transfers them as they are, with no compilation,
+whereas ``jnp.asarray`` would dispatch a conversion that XLA compiles once per new shape (after
+warm-up, those compiles landed in the first real steps: tests/test_recompiles.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 
 from dllm_jax.cache.selection import MODES
@@ -110,9 +113,9 @@ def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, s
         for d, pages in enumerate(req.pages):
           sel["reserved"][i, d * width:d * width + len(pages)] = pages
     positions = np.broadcast_to(np.arange(n, dtype=i32), (br, n))
-    refresh_part = RefreshPart(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(lengths))
+    refresh_part = RefreshPart(tokens, positions, lengths)
     if sparse_on:
-      select_part = SelectPart(**{k: jnp.asarray(v) for k, v in sel.items()})
+      select_part = SelectPart(**sel)
   if reuse:
     bu, lq = shapes.reuse_rows, shapes.query_rows
     tokens = np.full((bu, lq), cfg.pad_token_id, i32)
@@ -137,9 +140,8 @@ def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, s
       else:
         src = j
       fill_candidates(shapes.refresh_rows + i, req, src)
-    reuse_part = ReusePart(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(new_len),
-                           jnp.asarray(slots))
-  cand_inputs = CandidateInputs(**{k: jnp.asarray(v) for k, v in cand.items()})
+    reuse_part = ReusePart(tokens, positions, new_len, slots)
+  cand_inputs = CandidateInputs(**cand)
   # Reuse rows' metas were appended after the refresh rows but the refresh block is padded:
   # record the device row index of each meta.
   device_rows = list(range(len(refresh))) + [shapes.refresh_rows + i for i in range(len(reuse))]
@@ -154,20 +156,20 @@ def dummy_step(cfg: ModelConfig, shapes: Shapes, *, max_slots: int, reserved_wid
   br, n, bu, lq, c = (shapes.refresh_rows, shapes.length, shapes.reuse_rows, shapes.query_rows,
                       shapes.cand)
   if br:
-    refresh = RefreshPart(jnp.full((br, n), cfg.pad_token_id, i32),
-                          jnp.broadcast_to(jnp.arange(n, dtype=i32), (br, n)), jnp.ones(br, i32))
-    z = jnp.zeros(br, i32)
-    select = SelectPart(slots=jnp.full(br, max_slots, i32), block_start=z, block_len=z, keep=z,
-                        mode=z, pool_kernel=jnp.ones(br, i32),
-                        reserved=jnp.zeros((br, reserved_width), i32))
+    refresh = RefreshPart(np.full((br, n), cfg.pad_token_id, i32),
+                          np.broadcast_to(np.arange(n, dtype=i32), (br, n)), np.ones(br, i32))
+    z = np.zeros(br, i32)
+    select = SelectPart(slots=np.full(br, max_slots, i32), block_start=z, block_len=z, keep=z,
+                        mode=z, pool_kernel=np.ones(br, i32),
+                        reserved=np.zeros((br, reserved_width), i32))
   if bu:
-    reuse = ReusePart(jnp.full((bu, lq), cfg.pad_token_id, i32), jnp.zeros((bu, lq), i32),
-                      jnp.zeros(bu, i32), jnp.zeros(bu, i32))
+    reuse = ReusePart(np.full((bu, lq), cfg.pad_token_id, i32), np.zeros((bu, lq), i32),
+                      np.zeros(bu, i32), np.zeros(bu, i32))
   r = br + bu
-  z = jnp.zeros(r, i32)
+  z = np.zeros(r, i32)
   cand = CandidateInputs(
-      src=jnp.zeros((r, c), i32), pos=jnp.zeros((r, c), i32), eligible=jnp.zeros((r, c), bool),
-      temperature=jnp.zeros(r, jnp.float32), seed=jnp.zeros(r, jnp.uint32), step=z,
-      confidence=z, rule=z, k=z, threshold=jnp.ones(r, jnp.float32),
-      factor=jnp.ones(r, jnp.float32))
+      src=np.zeros((r, c), i32), pos=np.zeros((r, c), i32), eligible=np.zeros((r, c), bool),
+      temperature=np.zeros(r, np.float32), seed=np.zeros(r, np.uint32), step=z,
+      confidence=z, rule=z, k=z, threshold=np.ones(r, np.float32),
+      factor=np.ones(r, np.float32))
   return StepInputs(refresh, select, reuse, cand)

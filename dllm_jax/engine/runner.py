@@ -37,7 +37,7 @@ from dllm_jax.model.transformer import RefreshPart, Transformer
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels.common import MASK_VALUE
-from pallas_kernels.fused_lm_head.reference import finalize, logits_stats, merge, tile_stats
+from pallas_kernels.fused_lm_head.reference import finalize, merge, tile_stats
 
 
 def pow2_at_least(x: int, lo: int = 1) -> int:
@@ -102,17 +102,14 @@ class StepStatic:
   want_entropy: bool
 
 
-def _full_logits_rows(flat, idx, head, params: variants.RowParams, static: StepStatic):
+def _full_logits_rows(flat, idx, head, params: variants.RowParams, static: StepStatic,
+                      mask_id: int):
   """The `full` baseline: logits for EVERY fed row ([rows_fed, V] f32 live, like the reference's
   level 0), then the candidate rows' decisions from those logits."""
   logits = jnp.dot(flat.astype(head.dtype), head, preferred_element_type=jnp.float32)
-  p = variants.RowParams(params.temperature.astype(jnp.float32), params.seed.astype(jnp.uint32),
-                         params.step.astype(jnp.int32), params.position.astype(jnp.int32))
-  st = logits_stats(jnp.take(logits, idx, axis=0), p.temperature, p.seed, p.step, p.position,
-                    want_margin=static.want_margin, want_entropy=static.want_entropy)
-  token, conf, margin, entropy = finalize(st, static.want_margin, static.want_entropy)
-  rand = noise.uniform(p.seed, p.step, p.position, head.shape[1])
-  return variants.RowOut(token, conf, margin, entropy, rand)
+  return variants.decode_logits(jnp.take(logits, idx, axis=0), params,
+                                want_margin=static.want_margin, want_entropy=static.want_entropy,
+                                exclude_id=mask_id)
 
 
 def decode_and_commit(model: Transformer, h_refresh, h_reuse, c: CandidateInputs,
@@ -132,19 +129,21 @@ def decode_and_commit(model: Transformer, h_refresh, h_reuse, c: CandidateInputs
   r, cw = c.src.shape
   idx = (base[:, None] + c.src).reshape(-1)
   head = model.lm_head.kernel[...]
+  mask_id = model.cfg.mask_token_id  # never a decision (variants.py)
   plan = static.plan
   params = variants.RowParams(
       temperature=jnp.repeat(c.temperature, cw), seed=jnp.repeat(c.seed, cw),
       step=jnp.repeat(c.step, cw), position=c.pos.reshape(-1))
   if axis is not None:
-    out = _sharded_decode(jnp.take(flat, idx, axis=0), head, params, static, axis, vocab_size)
+    out = _sharded_decode(jnp.take(flat, idx, axis=0), head, params, static, axis, vocab_size,
+                          mask_id)
   elif plan.variant == "full":
-    out = _full_logits_rows(flat, idx, head, params, static)
+    out = _full_logits_rows(flat, idx, head, params, static, mask_id)
   else:
     out = variants.decode_rows(jnp.take(flat, idx, axis=0), head, params, variant=plan.variant,
                                chunk_rows=plan.chunk_rows, vocab_tile=plan.vocab_tile,
                                want_margin=static.want_margin, want_entropy=static.want_entropy,
-                               impl=plan.impl)
+                               exclude_id=mask_id, impl=plan.impl)
   shape = lambda x: None if x is None else x.reshape(r, cw)
   conf = rules.pick_confidence(c.confidence, shape(out.confidence), shape(out.rand),
                                shape(out.margin), shape(out.entropy))
@@ -153,7 +152,7 @@ def decode_and_commit(model: Transformer, h_refresh, h_reuse, c: CandidateInputs
 
 
 def _sharded_decode(hidden, head, params: variants.RowParams, static: StepStatic, axis: str,
-                    vocab_size: int):
+                    vocab_size: int, mask_id: int):
   """Vocab-parallel decode: each device scores its vocab slice in row chunks, keeps per-row
   online statistics, and only those [rows]-sized statistics cross devices (all_gather, then a
   merge in vocab order) — the [rows x V] logits are never gathered."""
@@ -174,7 +173,8 @@ def _sharded_decode(hidden, head, params: variants.RowParams, static: StepStatic
     logits = jnp.dot(h.astype(head.dtype), head, preferred_element_type=jnp.float32)
     logits = jnp.where(cols[None, :] < vocab_size, logits, MASK_VALUE)  # padded vocab ids
     return tile_stats(logits, offset, None, t, sd, stp, pos, hot=jnp.any(t > 0),
-                      want_margin=static.want_margin, want_entropy=static.want_entropy)
+                      want_margin=static.want_margin, want_entropy=static.want_entropy,
+                      exclude_id=mask_id)
 
   st = jax.tree.map(lambda x: x.reshape(n * c)[:r], jax.lax.map(chunk, xs))
   every = jax.lax.all_gather(st, axis)  # each field [tp, R]

@@ -18,6 +18,8 @@ Semantics, per row r (hidden h_r, clean logits l = h_r @ W accumulated in f32):
   margin     = p1 - p2 of softmax(l)          (want_margin)
   entropy    = sum_v p_v log p_v              (want_entropy; negative entropy, higher = surer)
   rand       = noise.uniform(seed, step, pos, lane=V)   (the 'random' confidence kind)
+  exclude_id (static; the engine passes the mask id) is never the token — committing the mask id
+  would be a no-op and the request would never finish — but it stays in the softmax.
 
 All variants are token-identical for identical logits. Logits computed by differently shaped
 GEMMs may differ in the last bit (XLA:CPU f32 GEMMs do; bf16 ones did not in our tests), which
@@ -71,26 +73,36 @@ def _norm(p: RowParams) -> RowParams:
                    p.step.astype(jnp.int32), p.position.astype(jnp.int32))
 
 
-def _monolithic(hidden, head, p: RowParams, want_margin, want_entropy):
+def decode_logits(logits, params: RowParams, *, want_margin: bool = False,
+                  want_entropy: bool = False, exclude_id: int | None = None) -> RowOut:
+  """logits [R, V] f32, params fields [R] -> RowOut: the decisions from given logits."""
+  p = _norm(params)
+  outs = finalize(logits_stats(logits, p.temperature, p.seed, p.step, p.position,
+                               want_margin=want_margin, want_entropy=want_entropy,
+                               exclude_id=exclude_id), want_margin, want_entropy)
+  return RowOut(*outs, rand=noise.uniform(p.seed, p.step, p.position, logits.shape[1]))
+
+
+def _monolithic(hidden, head, p: RowParams, want_margin, want_entropy, exclude_id):
   """[R, V] f32 logits at once (``rows``/``full``); reductions fuse into reads of the logits."""
   logits = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
   st = logits_stats(logits, p.temperature, p.seed, p.step, p.position, want_margin=want_margin,
-                    want_entropy=want_entropy)
+                    want_entropy=want_entropy, exclude_id=exclude_id)
   return finalize(st, want_margin, want_entropy)
 
 
-def _row_chunked(hidden, head, p: RowParams, c, want_margin, want_entropy):
+def _row_chunked(hidden, head, p: RowParams, c, want_margin, want_entropy, exclude_id):
   def chunk(h, t, s, st, pos):
-    return _monolithic(h, head, RowParams(t, s, st, pos), want_margin, want_entropy)
+    return _monolithic(h, head, RowParams(t, s, st, pos), want_margin, want_entropy, exclude_id)
 
   return map_row_chunks(chunk, (hidden, p.temperature, p.seed, p.step, p.position), c)
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "chunk_rows", "vocab_tile", "want_margin",
-                                             "want_entropy", "impl"))
+                                             "want_entropy", "exclude_id", "impl"))
 def decode_rows(hidden, head, params: RowParams, *, variant: str, chunk_rows: int = 1024,
                 vocab_tile: int = 8192, want_margin: bool = False, want_entropy: bool = False,
-                impl: str = "auto") -> RowOut:
+                exclude_id: int | None = None, impl: str = "auto") -> RowOut:
   """hidden [R, d], head [d, V], params fields [R] -> RowOut with [R] fields.
 
   ``hidden`` is cast to ``head.dtype``. chunk_rows (C) is used by row_chunked and vocab_tiled,
@@ -106,19 +118,20 @@ def decode_rows(hidden, head, params: RowParams, *, variant: str, chunk_rows: in
   p = _norm(params)
   hidden = hidden.astype(head.dtype)
   if variant in ("full", "rows"):
-    outs = _monolithic(hidden, head, p, want_margin, want_entropy)
+    outs = _monolithic(hidden, head, p, want_margin, want_entropy, exclude_id)
   elif variant == "row_chunked":
-    outs = _row_chunked(hidden, head, p, chunk_rows, want_margin, want_entropy)
+    outs = _row_chunked(hidden, head, p, chunk_rows, want_margin, want_entropy, exclude_id)
   else:
     outs = tuple(fused_ops.fused_lm_head(
         hidden, head, p.temperature, p.seed, p.step, p.position, chunk_rows=chunk_rows,
-        vocab_tile=vocab_tile, want_margin=want_margin, want_entropy=want_entropy, impl=impl))
+        vocab_tile=vocab_tile, want_margin=want_margin, want_entropy=want_entropy,
+        exclude_id=exclude_id, impl=impl))
   rand = noise.uniform(p.seed, p.step, p.position, head.shape[1])
   return RowOut(*outs, rand=rand)
 
 
 def decode_full(hidden_all, head, params: RowParams, *, want_margin: bool = False,
-                want_entropy: bool = False) -> RowOut:
+                want_entropy: bool = False, exclude_id: int | None = None) -> RowOut:
   """The ``full`` baseline: hidden_all [B, N, d], params fields [B, N] -> RowOut fields [B, N].
 
   Logits for every canvas row at once ([B*N, V] f32); the caller then keeps the candidate
@@ -127,5 +140,5 @@ def decode_full(hidden_all, head, params: RowParams, *, want_margin: bool = Fals
   b, n, d = hidden_all.shape
   flat = jax.tree.map(lambda x: x.reshape(b * n), params)
   out = decode_rows(hidden_all.reshape(b * n, d), head, flat, variant="full",
-                    want_margin=want_margin, want_entropy=want_entropy)
+                    want_margin=want_margin, want_entropy=want_entropy, exclude_id=exclude_id)
   return jax.tree.map(lambda x: x.reshape(b, n), out)

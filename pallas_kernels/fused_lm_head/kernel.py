@@ -33,7 +33,8 @@ from pallas_kernels.fused_lm_head.reference import Stats, init_stats, merge, til
 
 def _kernel(h_ref, w_ref, t_ref, seed_ref, step_ref, pos_ref,
             m_ref, se_ref, ae_ref, t1_ref, t2_ref, bs_ref, bi_ref, bl_ref, *,
-            d, v, c, tv, bk, num_tiles, tiles_per_split, want_margin, want_entropy, precision):
+            d, v, c, tv, bk, num_tiles, tiles_per_split, want_margin, want_entropy, precision,
+            exclude_id):
   split = pl.program_id(1)
   temp = t_ref[...]
   seed = seed_ref[...]
@@ -62,7 +63,8 @@ def _kernel(h_ref, w_ref, t_ref, seed_ref, step_ref, pos_ref,
 
     l = lax.fori_loop(0, nk, kstep, jnp.zeros((c, tv), jnp.float32))
     st = tile_stats(l, start, lo if v_ragged else None, temp, seed, step, pos, hot=hot,
-                    want_margin=want_margin, want_entropy=want_entropy, in_kernel=True)
+                    want_margin=want_margin, want_entropy=want_entropy, in_kernel=True,
+                    exclude_id=exclude_id)
     return merge(acc_st, st)
 
   st = lax.fori_loop(0, n_here, tile, init_stats(c))
@@ -79,7 +81,7 @@ def _kernel(h_ref, w_ref, t_ref, seed_ref, step_ref, pos_ref,
 def fused_lm_head_partials(hidden, head, temperature, seed, step, position, *, block_rows: int,
                            block_vocab: int, block_k: int, vocab_splits: int,
                            want_margin: bool = False, want_entropy: bool = False,
-                           num_warps: int = 4, num_stages: int = 2,
+                           exclude_id: int | None = None, num_warps: int = 4, num_stages: int = 2,
                            interpret: bool = False) -> Stats:
   """Partial statistics, each field [vocab_splits, R]; R a multiple of block_rows.
 
@@ -94,7 +96,8 @@ def fused_lm_head_partials(hidden, head, temperature, seed, step, position, *, b
   precision = lax.Precision.HIGHEST if hidden.dtype == jnp.float32 else None  # no TF32
   kern = functools.partial(_kernel, d=d, v=v, c=c, tv=tv, bk=bk, num_tiles=num_tiles,
                            tiles_per_split=tps, want_margin=want_margin,
-                           want_entropy=want_entropy, precision=precision)
+                           want_entropy=want_entropy, precision=precision,
+                           exclude_id=exclude_id)
   row = pl.BlockSpec((c,), lambda i, j: (i,))
   out = pl.BlockSpec((None, c), lambda i, j: (j, i))
   f32 = jax.ShapeDtypeStruct((s, r), jnp.float32)

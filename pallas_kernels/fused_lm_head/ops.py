@@ -5,7 +5,8 @@
 
 Semantics (dllm_jax/logits/variants.py): clean logits l = hidden @ head in f32; token = argmax of
 l + T*gumbel(seed, step, position, token id), ties to the lowest id; confidence = softmax(l)[token];
-margin = p1 - p2 of softmax(l); entropy = sum p log p.
+margin = p1 - p2 of softmax(l); entropy = sum p log p. ``exclude_id`` (the mask id) is never the
+token, but stays in the softmax.
 
 ``chunk_rows`` / ``vocab_tile`` size the jnp reference (its live tile is [chunk_rows, vocab_tile]
 f32: that is what the budgeter plans). The kernel keeps its tile on chip, so it has its own
@@ -88,18 +89,20 @@ def _check(hidden, head, temperature, seed, step, position):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "chunk_rows", "vocab_tile", "want_margin", "want_entropy", "impl", "block_rows",
-    "block_vocab", "block_k", "vocab_splits", "num_warps", "num_stages"))
+    "chunk_rows", "vocab_tile", "want_margin", "want_entropy", "exclude_id", "impl",
+    "block_rows", "block_vocab", "block_k", "vocab_splits", "num_warps", "num_stages"))
 def fused_lm_head(hidden, head, temperature, seed, step, position, *, chunk_rows: int = 1024,
                   vocab_tile: int = 8192, want_margin: bool = False, want_entropy: bool = False,
-                  impl: str = "auto", block_rows: int = BLOCK_ROWS,
-                  block_vocab: int = BLOCK_VOCAB, block_k: int = BLOCK_K,
+                  exclude_id: int | None = None, impl: str = "auto",
+                  block_rows: int = BLOCK_ROWS, block_vocab: int = BLOCK_VOCAB,
+                  block_k: int = BLOCK_K,
                   vocab_splits: int | None = None, num_warps: int = 4,
                   num_stages: int = 2) -> FusedOut:
   """See the module docstring. ``impl``: auto | pallas | interpret | reference.
 
   ``hidden`` is cast to ``head.dtype`` (casting the head would copy it). seed may be int32 or
-  uint32 (taken as its 32 bits).
+  uint32 (taken as its 32 bits). ``exclude_id`` (e.g. the mask id) is never returned as the
+  token but stays in the softmax.
   """
   _check(hidden, head, temperature, seed, step, position)
   if chunk_rows < 1 or vocab_tile < 1:
@@ -113,7 +116,8 @@ def fused_lm_head(hidden, head, temperature, seed, step, position, *, chunk_rows
   if impl == "reference":
     return FusedOut(*fused_lm_head_reference(
         hidden, head, temperature, seed, step, position, chunk_rows=chunk_rows,
-        vocab_tile=vocab_tile, want_margin=want_margin, want_entropy=want_entropy))
+        vocab_tile=vocab_tile, want_margin=want_margin, want_entropy=want_entropy,
+        exclude_id=exclude_id))
   r, d = hidden.shape
   v = head.shape[1]
   c, tv, bk, s = kernel_blocks(r, d, v, block_rows, block_vocab, block_k, vocab_splits)
@@ -122,8 +126,8 @@ def fused_lm_head(hidden, head, temperature, seed, step, position, *, chunk_rows
   parts = _kernel.fused_lm_head_partials(
       pad(hidden), head, pad(temperature), pad(seed), pad(step), pad(position), block_rows=c,
       block_vocab=tv, block_k=bk, vocab_splits=s, want_margin=want_margin,
-      want_entropy=want_entropy, num_warps=num_warps, num_stages=num_stages,
-      interpret=impl == "interpret")
+      want_entropy=want_entropy, exclude_id=exclude_id, num_warps=num_warps,
+      num_stages=num_stages, interpret=impl == "interpret")
   st = reduce_stats(parts)
   st = type(st)(*(x[:r] for x in st))
   return FusedOut(*finalize(st, want_margin, want_entropy))

@@ -16,6 +16,10 @@ entropy_conf = sum p log p = ae / se - log se. se >= 1 always (the max contribut
 
 Masked columns hold (kernel) or get added (XLA) ``MASK_VALUE`` (large, finite): exp(MASK - m) == 0
 and 0 * (MASK - m) == 0, where -inf would give NaN.
+
+``exclude_id`` (static; the model's mask id) can never be the chosen token: committing the mask
+id would be a no-op and the request would never finish. It still counts in the softmax, so the
+confidence stays the clean probability under the model's full distribution.
 """
 
 from __future__ import annotations
@@ -78,12 +82,13 @@ def _top2(l):
 
 
 def tile_stats(l, start, lo, temperature, seed, step, position, *, hot, want_margin=False,
-               want_entropy=False, in_kernel=False) -> Stats:
+               want_entropy=False, in_kernel=False, exclude_id: int | None = None) -> Stats:
   """Statistics of one logit tile.
 
   l: [C, T] f32 clean logits of token ids start .. start+T-1 (``start`` an int32 scalar).
   lo: columns with id < lo are masked (already seen in the previous tile: the ragged last tile
     is loaded at a clamped start); None = no masking.
+  exclude_id: a token id never chosen as the token (still in the softmax); None = none.
   temperature [C] f32, seed [C] uint32, step [C] int32, position [C] int32.
   hot: Python bool (static) or a traced bool scalar; False means every T == 0, so the noise is
     skipped (l + 0*g == l, so the result is the same either way).
@@ -102,6 +107,13 @@ def tile_stats(l, start, lo, temperature, seed, step, position, *, hot, want_mar
 
   def biased(x):
     return x if bias is None else x + bias
+
+  # The argmax also skips exclude_id: one [T] bias / predicate, fused like the mask above.
+  ids = start + local
+  pickable = valid if exclude_id is None else (
+      (ids != exclude_id)[None, :] if valid is None else valid & (ids != exclude_id)[None, :])
+  pick_bias = None if pickable is None else jnp.where(pickable, 0.0, MASK_VALUE).astype(
+      jnp.float32)
 
   if in_kernel:  # registers: share one masked tile; Triton has no variadic reduce
     l = masked(raw, MASK_VALUE)
@@ -136,12 +148,15 @@ def tile_stats(l, start, lo, temperature, seed, step, position, *, hot, want_mar
     if noisy:
       g = noise.gumbel(seed[:, None], step[:, None], position[:, None], (start + local)[None, :])
       s = raw + temperature[:, None] * g
-    s = masked(s, MASK_VALUE) if in_kernel else biased(s)
+    if pickable is not None:
+      s = jnp.where(pickable, s, MASK_VALUE) if in_kernel else s + pick_bias
     i = jnp.argmax(s, axis=1).astype(jnp.int32)  # first maximum: ties -> lowest id
     bl = _pick(raw, i, local, in_kernel)  # i is never a masked column
     # Recompute the winner's score on [C] instead of gathering from s: s then has one consumer
     # (the argmax), so XLA fuses it away instead of materialising [C, T].
     bs = bl + temperature * noise.gumbel(seed, step, position, start + i) if noisy else bl
+    if exclude_id is not None:  # a tile of only exclude_id (Tv == 1) must never win a merge
+      bs = jnp.where(start + i == exclude_id, MASK_VALUE, bs)
     return bs, start + i, bl
 
   if isinstance(hot, bool):
@@ -197,11 +212,11 @@ def finalize(st: Stats, want_margin=False, want_entropy=False):
 
 
 def logits_stats(logits, temperature, seed, step, position, *, want_margin=False,
-                 want_entropy=False) -> Stats:
+                 want_entropy=False, exclude_id: int | None = None) -> Stats:
   """Statistics of full [R, V] logits (the monolithic variants)."""
   return tile_stats(logits, jnp.int32(0), None, temperature, seed, step, position,
                     hot=jnp.any(temperature > 0), want_margin=want_margin,
-                    want_entropy=want_entropy)
+                    want_entropy=want_entropy, exclude_id=exclude_id)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -247,7 +262,7 @@ def map_row_chunks(fn, arrays, chunk_rows: int):
 
 def fused_lm_head_reference(hidden, head, temperature, seed, step, position, *, chunk_rows: int,
                             vocab_tile: int, want_margin: bool = False,
-                            want_entropy: bool = False):
+                            want_entropy: bool = False, exclude_id: int | None = None):
   """Vocab-tiled decode in plain jnp: at most one [chunk_rows, vocab_tile] f32 tile live.
 
   hidden [R, d], head [d, V] (same dtype; the matmul accumulates in f32), per-row
@@ -270,7 +285,8 @@ def fused_lm_head_reference(hidden, head, temperature, seed, step, position, *, 
       start = jnp.minimum(lo, v - tv)  # the ragged last tile re-reads some columns: masked
       l = jnp.dot(h, slice_no_hoist(head, start, tv, 1), preferred_element_type=jnp.float32)
       return merge(acc, tile_stats(l, start, lo if ragged else None, t, sd, st, ps, hot=hot,
-                                   want_margin=want_margin, want_entropy=want_entropy))
+                                   want_margin=want_margin, want_entropy=want_entropy,
+                                   exclude_id=exclude_id))
 
     return finalize(lax.fori_loop(0, nt, body, init_stats(h.shape[0])), want_margin,
                     want_entropy)
