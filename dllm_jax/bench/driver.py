@@ -299,7 +299,9 @@ def run_http(url: str, items: Sequence[W.WorkItem], *, model: str | None = None,
 def add_args(p: argparse.ArgumentParser) -> None:
   """Flags of ``dllm-jax bench serve``."""
   p.add_argument("--workload", choices=W.WORKLOADS, default="livebench-like")
-  p.add_argument("--model", default=None, help="model directory (default: the bundled demo)")
+  p.add_argument("--model", default=None,
+                 help="model directory (default: the bundled demo), or 'bench-small' (the "
+                      "ablation model, configs/bench-small.json, random weights; repo checkout)")
   p.add_argument("--requests", type=int, default=32, help="number of requests (default 32)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="write the result JSON here")
@@ -335,6 +337,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
   e.add_argument("--memory-budget-mb", type=float, default=None)
   e.add_argument("--token-budget", type=int, default=None)
   e.add_argument("--max-running", type=int, default=None)
+  e.add_argument("--max-refresh-rows", type=int, default=None)
+  e.add_argument("--max-reuse-rows", type=int, default=None)
+  e.add_argument("--max-model-len", type=int, default=None)
 
 
 def engine_config_from_args(args):
@@ -348,8 +353,9 @@ def engine_config_from_args(args):
     kw["memory_budget_bytes"] = int(args.memory_budget_mb * 2**20)
   if args.token_budget is not None:
     kw["token_budget"] = args.token_budget
-  if args.max_running is not None:
-    kw["max_running"] = args.max_running
+  for f in ("max_running", "max_refresh_rows", "max_reuse_rows", "max_model_len"):
+    if getattr(args, f, None) is not None:
+      kw[f] = getattr(args, f)
   return EngineConfig(**kw)
 
 
@@ -424,7 +430,11 @@ def run(args) -> int:
                       base_params=base_params, workload=args.workload)
   else:
     from dllm_jax.engine.engine import LLM
-    llm = LLM(args.model, engine_config=engine_config_from_args(args))
+    model = args.model
+    if model == "bench-small":
+      from dllm_jax.bench import ablation
+      model = ablation.build_model(ablation.load_model_config())
+    llm = LLM(model, engine_config=engine_config_from_args(args))
     source = (W.TextSource(tokenizer=llm.tokenizer) if llm.tokenizer is not None
               else W.TokenSource.for_model(llm.cfg))
     items = workload_from_args(args, source, llm.core.max_len)

@@ -13,7 +13,6 @@ import numpy as np
 from dllm_jax.cache.selection import MODES
 from dllm_jax.cache.sparse_state import Phase
 from dllm_jax.config import ModelConfig
-from dllm_jax.decoding import rules
 from dllm_jax.engine.request import Request
 from dllm_jax.engine.runner import CandidateInputs, StepInputs, pow2_at_least
 from dllm_jax.model.fused import ReusePart, SelectPart
@@ -59,33 +58,57 @@ def shapes_for(refresh: list[Request], reuse: list[Request], cfg: ModelConfig,
 def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, shapes: Shapes,
                *, sparse_on: bool, max_slots: int, reserved_width: int):
   """(StepInputs, [RowMeta]) for the scheduled requests. ``reserved_width``: total width of the
-  reserved-page array, split evenly between tensor-parallel devices."""
-  c = shapes.cand
-  total_rows = shapes.refresh_rows + shapes.reuse_rows
-  f32, i32 = np.float32, np.int32
-  cand = dict(src=np.zeros((total_rows, c), i32), pos=np.zeros((total_rows, c), i32),
-              eligible=np.zeros((total_rows, c), bool), temperature=np.zeros(total_rows, f32),
-              seed=np.zeros(total_rows, np.uint32), step=np.zeros(total_rows, i32),
-              confidence=np.zeros(total_rows, i32), rule=np.zeros(total_rows, i32),
-              k=np.zeros(total_rows, i32), threshold=np.ones(total_rows, f32),
-              factor=np.ones(total_rows, f32))
-  metas = []
+  reserved-page array, split evenly between tensor-parallel devices.
 
-  def fill_candidates(i: int, req: Request, src: np.ndarray):
-    _, start, lb = req.current_block()
-    j = np.arange(c)
-    valid = j < lb
-    pos = np.where(valid, start + j, 0)
-    sp = req.params
-    cand["src"][i] = np.where(valid, src, 0)
-    cand["pos"][i] = pos
-    cand["eligible"][i] = valid & (req.canvas[np.minimum(pos, req.length - 1)] == req.mask_id)
-    cand["temperature"][i], cand["seed"][i], cand["step"][i] = sp.temperature, sp.seed, req.step
-    cand["confidence"][i] = rules.CONFIDENCE_IDS[sp.confidence]
-    cand["rule"][i] = rules.RULE_IDS[sp.rule]
-    cand["k"][i] = req.fixed_count() if sp.rule == "fixed" else 0
-    cand["threshold"][i], cand["factor"][i] = sp.threshold, sp.factor
-    metas.append(RowMeta(req, pos, valid))
+  Per-row Python does only what is per row (copy a canvas, read scalars); the candidate arrays
+  are built for all rows at once (this loop is the host's share of every step)."""
+  c = shapes.cand
+  i32 = np.int32
+  reqs = refresh + reuse
+  blocks = [r.current_block() for r in reqs]
+  starts = np.array([b[1] for b in blocks], i32)
+  lbs = np.array([b[2] for b in blocks], i32)
+  j = np.arange(c, dtype=i32)[None, :]
+  valid = j < lbs[:, None]                                      # [n, C]
+  pos = np.where(valid, starts[:, None] + j, 0).astype(i32)
+  eligible = np.zeros((len(reqs), c), bool)
+  for i, r in enumerate(reqs):
+    eligible[i, :lbs[i]] = r.canvas[starts[i]:starts[i] + lbs[i]] == r.mask_id
+  nr = len(refresh)
+  # The hidden row (within the row's own fed tokens) that predicts each candidate.
+  src = np.empty((len(reqs), c), i32)
+  if nr:
+    src[:nr] = np.maximum(pos[:nr] - 1, 0) if cfg.shifted_prediction else starts[:nr, None] + j
+  if reuse:
+    if cfg.shifted_prediction:
+      # Dream: block position t is predicted by the row of position t-1; for t = 0 that is the
+      # query-only row holding the token just before the block (its K/V is in the cache).
+      first = np.where(starts[nr:] > 0, lbs[nr:], 0)
+      src[nr:] = np.where(j == 0, first[:, None], j - 1)
+    else:
+      src[nr:] = j
+  src = np.where(valid, src, 0).astype(i32)
+
+  # Rows: the refresh bucket (padded), then the reuse rows.
+  total_rows = shapes.refresh_rows + shapes.reuse_rows
+  rows = np.array(list(range(nr)) + [shapes.refresh_rows + i for i in range(len(reuse))],
+                  np.int64)
+
+  def per_row(values, dtype, fill):
+    out = np.full((total_rows,) + np.shape(values)[1:], fill, dtype)
+    out[rows] = values
+    return out
+
+  # One [n, 8] float64 table for the per-row scalars (exact for uint32 seeds and small ints).
+  table = np.array([r.decode_scalars() for r in reqs], np.float64).T
+  temperature, seed, confidence, rule, threshold, factor, step, k = table
+  cand = CandidateInputs(
+      src=per_row(src, i32, 0), pos=per_row(pos, i32, 0), eligible=per_row(eligible, bool, False),
+      temperature=per_row(temperature, np.float32, 0.0), seed=per_row(seed, np.uint32, 0),
+      step=per_row(step, i32, 0), confidence=per_row(confidence, i32, 0),
+      rule=per_row(rule, i32, 0), k=per_row(k, i32, 0),
+      threshold=per_row(threshold, np.float32, 1.0), factor=per_row(factor, np.float32, 1.0))
+  metas = [(int(rows[i]), RowMeta(r, pos[i], valid[i])) for i, r in enumerate(reqs)]
 
   refresh_part = select_part = reuse_part = None
   if refresh:
@@ -98,13 +121,9 @@ def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, s
     for i, req in enumerate(refresh):
       tokens[i, :req.length] = req.canvas
       lengths[i] = req.length
-      _, start, lb = req.current_block()
-      pos = start + np.arange(c)
-      src = np.maximum(pos - 1, 0) if cfg.shifted_prediction else pos
-      fill_candidates(i, req, src)
       if req.is_sparse and req.phase() == Phase.SELECT:
         sel["slots"][i] = req.slot
-        sel["block_start"][i], sel["block_len"][i] = start, lb
+        sel["block_start"][i], sel["block_len"][i] = starts[i], lbs[i]
         sel["keep"][i] = req.keep()
         sel["mode"][i] = MODES.index(req.sparse.selection)
         sel["pool_kernel"][i] = req.sparse.pool_kernel
@@ -120,33 +139,19 @@ def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, s
     bu, lq = shapes.reuse_rows, shapes.query_rows
     tokens = np.full((bu, lq), cfg.pad_token_id, i32)
     positions = np.zeros((bu, lq), i32)
+    positions[:len(reuse), :c] = pos[nr:]
     new_len = np.zeros(bu, i32)
+    new_len[:len(reuse)] = lbs[nr:]
     slots = np.zeros(bu, i32)
     for i, req in enumerate(reuse):
-      _, start, lb = req.current_block()
+      start, lb = starts[nr + i], lbs[nr + i]
       tokens[i, :lb] = req.canvas[start:start + lb]
-      positions[i, :lb] = np.arange(start, start + lb)
-      new_len[i] = lb
       slots[i] = req.slot
-      j = np.arange(c)
-      if cfg.shifted_prediction:
-        # Dream: block position t is predicted by the row of position t-1; for t = 0 that is the
-        # query-only row holding the token just before the block (its K/V is in the cache).
-        has_prev = start > 0
-        if has_prev:
-          tokens[i, lb] = req.canvas[start - 1]
-          positions[i, lb] = start - 1
-        src = np.where(j == 0, lb if has_prev else 0, j - 1)
-      else:
-        src = j
-      fill_candidates(shapes.refresh_rows + i, req, src)
+      if cfg.shifted_prediction and start > 0:  # the query-only row (see src above)
+        tokens[i, lb] = req.canvas[start - 1]
+        positions[i, lb] = start - 1
     reuse_part = ReusePart(tokens, positions, new_len, slots)
-  cand_inputs = CandidateInputs(**cand)
-  # Reuse rows' metas were appended after the refresh rows but the refresh block is padded:
-  # record the device row index of each meta.
-  device_rows = list(range(len(refresh))) + [shapes.refresh_rows + i for i in range(len(reuse))]
-  return StepInputs(refresh_part, select_part, reuse_part, cand_inputs), list(zip(device_rows,
-                                                                                 metas))
+  return StepInputs(refresh_part, select_part, reuse_part, cand), metas
 
 
 def dummy_step(cfg: ModelConfig, shapes: Shapes, *, max_slots: int, reserved_width: int):

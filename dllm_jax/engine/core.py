@@ -258,11 +258,13 @@ class EngineCore:
     x0, commit = to_host(x0), to_host(commit)  # the step's one device->host transfer
     t2 = time.perf_counter()
     now = time.perf_counter()
-    for row, meta in metas:
-      req = meta.req
-      sel = commit[row] & meta.valid
-      self.stats.committed_tokens += int(sel.sum())
-      is_done = req.apply(meta.positions[sel], x0[row][sel], self.mcfg.eos_ids,
+    rows = np.array([row for row, _ in metas])
+    sel_all = commit[rows] & np.stack([m.valid for _, m in metas])  # [n, C], all rows at once
+    x0 = x0[rows]
+    self.stats.committed_tokens += int(sel_all.sum())
+    for i, (_, meta) in enumerate(metas):
+      req, sel = meta.req, sel_all[i]
+      is_done = req.apply(meta.positions[sel], x0[i][sel], self.mcfg.eos_ids,
                           self.mcfg.eos_token_id)
       if req.first_token_time is None and req.committed_prefix() > 0:
         req.first_token_time = now

@@ -16,7 +16,7 @@ from dllm_jax.cache.page_pool import max_keep, pages_needed
 from dllm_jax.cache.selection import n_keep
 from dllm_jax.cache.sparse_state import Phase, SparseConfig, phase_of
 from dllm_jax.config import ModelConfig, SamplingParams
-from dllm_jax.decoding import schedule
+from dllm_jax.decoding import rules, schedule
 
 
 class Status(enum.Enum):
@@ -57,6 +57,16 @@ class Request:
   def __post_init__(self):
     self.canvas = np.asarray(
         list(self.prompt_ids) + [self.mask_id] * self.params.gen_length, np.int32)
+    self._consts = None  # decode_scalars' constant part, built on first use
+    self._scan()
+
+  def _scan(self) -> None:
+    """Cache the first masked generated position and the mask count. The canvas changes only
+    in ``apply``, while the scheduler and batch builder ask for the block several times per
+    step (re-scanning there was the largest host cost of a step)."""
+    masked = np.flatnonzero(self.generated == self.mask_id)
+    self._first_mask = int(masked[0]) if len(masked) else self.params.gen_length
+    self._num_masked = len(masked)
 
   # Geometry ---------------------------------------------------------------------------------
   @property
@@ -77,16 +87,14 @@ class Request:
 
   def current_block(self) -> tuple[int, int, int]:
     """(block index, start, length) of the first block that still holds a mask."""
-    masked = np.flatnonzero(self.generated == self.mask_id)
     bl = self.params.block_length
-    b = int(masked[0]) // bl if len(masked) else 0
+    b = self._first_mask // bl if self._num_masked else 0
     start = self.prompt_len + b * bl
     return b, start, min(bl, self.length - start)
 
   def committed_prefix(self) -> int:
     """Length of the longest left-contiguous committed part of the generation."""
-    masked = np.flatnonzero(self.generated == self.mask_id)
-    return int(masked[0]) if len(masked) else self.params.gen_length
+    return self._first_mask
 
   # State machine ----------------------------------------------------------------------------
   def sync_block(self) -> tuple[int, int, int]:
@@ -118,12 +126,20 @@ class Request:
     sp = self.params
     b, _, lb = self.current_block()
     if sp.schedule == "dream":
-      m = int(np.sum(self.generated == self.mask_id))
-      return schedule.dream_counts_host(m, sp.effective_steps, self.step)
+      return schedule.dream_counts_host(self._num_masked, sp.effective_steps, self.step)
     per_block = max(sp.steps_per_block, 1)
     j = self.step - b * per_block
     base, rem = divmod(lb, per_block)
     return base + (j < rem)
+
+  def decode_scalars(self) -> tuple:
+    """(temperature, seed, confidence id, rule id, threshold, factor, step, fixed count): the
+    row's per-step decode inputs (batch.build_step)."""
+    sp = self.params
+    if self._consts is None:
+      self._consts = (sp.temperature, sp.seed, rules.CONFIDENCE_IDS[sp.confidence],
+                      rules.RULE_IDS[sp.rule], sp.threshold, sp.factor)
+    return self._consts + (self.step, self.fixed_count() if sp.rule == "fixed" else 0)
 
   def reuse_cost(self, cfg: ModelConfig) -> int:
     _, _, lb = self.current_block()
@@ -135,6 +151,7 @@ class Request:
     self.canvas[positions] = tokens
     self.step += 1
     self.block_step += 1
+    self._scan()
     done = self._finish_check(eos_ids, eos_id)
     if self.trace is not None:
       self.trace.append(self.generated.tolist())
@@ -142,16 +159,23 @@ class Request:
 
   def _finish_check(self, eos_ids, eos_id) -> bool:
     gen = self.generated
-    masked = gen == self.mask_id
     if self.params.stop_on_eos:
-      is_eos = np.isin(gen, eos_ids)
-      left_done = np.cumsum(masked) - masked == 0
-      hit = np.flatnonzero(is_eos & left_done)
+      # An EOS whose left side is fully committed lies left of the first mask.
+      hit = np.flatnonzero(_isin(gen[:self._first_mask], eos_ids))
       if len(hit):
         gen[hit[0] + 1:] = eos_id
+        self._scan()
         self.finish_reason = "eos"
         return True
-    if not masked.any():
-      self.finish_reason = "eos" if np.isin(gen, eos_ids).any() else "length"
+    if not self._num_masked:
+      self.finish_reason = "eos" if _isin(gen, eos_ids).any() else "length"
       return True
     return False
+
+
+def _isin(x: np.ndarray, ids) -> np.ndarray:
+  """np.isin for a handful of ids (a few times faster on short arrays)."""
+  out = np.zeros(x.shape, bool)
+  for i in ids:
+    out |= x == i
+  return out
