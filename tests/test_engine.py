@@ -577,3 +577,52 @@ def test_activation_budget_bounds_every_step(make_llm, policy):
   assert seen and not over, over
   assert max(s.refresh_rows for s in seen) == 1
   assert_idle(llm)
+
+
+# Request's cached host state (request.py keeps the first mask, mask count, block and leftmost
+# EOS incrementally) against a plain re-scan of the canvas after every apply.
+
+def _rescan(req, eos_ids):
+  gen = req.canvas[req.prompt_len:]
+  masked = np.flatnonzero(gen == MASK)
+  first = int(masked[0]) if len(masked) else req.params.gen_length
+  bl = req.params.block_length
+  b = first // bl if len(masked) else 0
+  start = req.prompt_len + b * bl
+  return (b, start, min(bl, req.length - start)), first, len(masked)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_request_caches_match_a_plain_rescan(seed):
+  from dllm_jax.engine.request import Request
+  rng = np.random.default_rng(seed)
+  eos_ids = (EOS, 61)
+  sp = SamplingParams(gen_length=24, block_length=8, steps=24, stop_on_eos=bool(seed % 2))
+  req = Request("r", [int(t) for t in rng.integers(0, 60, 5)], sp, None, MASK)
+  done = False
+  while not done:
+    blk, first, n_masked = _rescan(req, eos_ids)
+    assert req.current_block() == blk and req.committed_prefix() == first
+    assert req._num_masked == n_masked
+    # Commit 0-3 masked positions of the current block, sometimes an EOS / EoT.
+    _, start, lb = blk
+    cand = [q for q in range(start, start + lb) if req.canvas[q] == MASK]
+    pos = np.array(sorted(rng.choice(cand, size=min(len(cand), int(rng.integers(0, 4))),
+                                     replace=False)), np.int64)
+    toks = rng.choice([EOS, 61] + list(range(10)), size=len(pos)).astype(np.int32)
+    before = req.canvas.copy()
+    done = req.apply(pos, toks, eos_ids, EOS)
+    # The plain rule: an EOS with everything left of it committed ends it, rest filled.
+    gen = before[req.prompt_len:].copy()
+    gen[pos - req.prompt_len] = toks
+    hit = next((i for i in range(len(gen)) if gen[i] in eos_ids and (gen[:i] != MASK).all()),
+               None)
+    if sp.stop_on_eos and hit is not None:
+      gen[hit + 1:] = EOS
+      assert done and req.finish_reason == "eos"
+    elif (gen == MASK).any():
+      assert not done
+    else:
+      assert done and req.finish_reason == ("eos" if np.isin(gen, eos_ids).any() else "length")
+    assert req.canvas[req.prompt_len:].tolist() == gen.tolist()
+  assert req._num_masked == 0 and req.committed_prefix() == sp.gen_length

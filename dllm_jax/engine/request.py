@@ -58,15 +58,22 @@ class Request:
     self.canvas = np.asarray(
         list(self.prompt_ids) + [self.mask_id] * self.params.gen_length, np.int32)
     self._consts = None  # decode_scalars' constant part, built on first use
-    self._scan()
+    self._eos_at = None  # leftmost committed EOS / EoT (index in the generation)
+    self._scan(0)
 
-  def _scan(self) -> None:
-    """Cache the first masked generated position and the mask count. The canvas changes only
-    in ``apply``, while the scheduler and batch builder ask for the block several times per
-    step (re-scanning there was the largest host cost of a step)."""
-    masked = np.flatnonzero(self.generated == self.mask_id)
-    self._first_mask = int(masked[0]) if len(masked) else self.params.gen_length
+  def _scan(self, start: int) -> None:
+    """Cache the first masked generated position, the mask count and the current block, reading
+    from generation index ``start`` on (everything left of it is committed). The canvas
+    changes only in ``apply``, while the scheduler and the batch builder ask for the block
+    several times per step: these caches keep the host loop thin (tests/test_engine.py checks
+    them against a plain re-scan)."""
+    masked = np.flatnonzero(self.canvas[len(self.prompt_ids) + start:] == self.mask_id)
+    self._first_mask = start + int(masked[0]) if len(masked) else self.params.gen_length
     self._num_masked = len(masked)
+    bl = self.params.block_length
+    b = self._first_mask // bl if self._num_masked else 0
+    start = len(self.prompt_ids) + b * bl
+    self._block = (b, start, min(bl, len(self.canvas) - start))
 
   # Geometry ---------------------------------------------------------------------------------
   @property
@@ -87,10 +94,7 @@ class Request:
 
   def current_block(self) -> tuple[int, int, int]:
     """(block index, start, length) of the first block that still holds a mask."""
-    bl = self.params.block_length
-    b = self._first_mask // bl if self._num_masked else 0
-    start = self.prompt_len + b * bl
-    return b, start, min(bl, self.length - start)
+    return self._block
 
   def committed_prefix(self) -> int:
     """Length of the longest left-contiguous committed part of the generation."""
@@ -147,35 +151,34 @@ class Request:
 
   def apply(self, positions: np.ndarray, tokens: np.ndarray, eos_ids: tuple[int, ...],
             eos_id: int) -> bool:
-    """Commit tokens; run the EOS rule; advance counters. Returns True when finished."""
+    """Commit tokens at masked canvas ``positions`` (the step's eligible candidates); run the
+    EOS rule; advance counters. Returns True when finished."""
     self.canvas[positions] = tokens
     self.step += 1
     self.block_step += 1
-    self._scan()
-    done = self._finish_check(eos_ids, eos_id)
+    if len(positions):
+      p0 = len(self.prompt_ids)
+      pos = positions.tolist()
+      for q, t in zip(pos, tokens.tolist()):
+        if t in eos_ids and (self._eos_at is None or q - p0 < self._eos_at):
+          self._eos_at = q - p0
+      if p0 + self._first_mask in pos:
+        self._scan(self._first_mask)
+      else:  # the first mask and the block stay; every committed position was masked
+        self._num_masked -= len(pos)
+    done = self._finish_check(eos_id)
     if self.trace is not None:
       self.trace.append(self.generated.tolist())
     return done
 
-  def _finish_check(self, eos_ids, eos_id) -> bool:
-    gen = self.generated
-    if self.params.stop_on_eos:
-      # An EOS whose left side is fully committed lies left of the first mask.
-      hit = np.flatnonzero(_isin(gen[:self._first_mask], eos_ids))
-      if len(hit):
-        gen[hit[0] + 1:] = eos_id
-        self._scan()
-        self.finish_reason = "eos"
-        return True
+  def _finish_check(self, eos_id) -> bool:
+    # An EOS whose left side is fully committed lies left of the first mask.
+    if self.params.stop_on_eos and self._eos_at is not None and self._eos_at < self._first_mask:
+      self.generated[self._eos_at + 1:] = eos_id
+      self._scan(self._first_mask)
+      self.finish_reason = "eos"
+      return True
     if not self._num_masked:
-      self.finish_reason = "eos" if _isin(gen, eos_ids).any() else "length"
+      self.finish_reason = "eos" if self._eos_at is not None else "length"
       return True
     return False
-
-
-def _isin(x: np.ndarray, ids) -> np.ndarray:
-  """np.isin for a handful of ids (a few times faster on short arrays)."""
-  out = np.zeros(x.shape, bool)
-  for i in ids:
-    out |= x == i
-  return out
