@@ -153,28 +153,30 @@ def register_convert(sub) -> None:
   p.set_defaults(func=cmd_convert)
 
 
+def _command(sub, name: str, help_: str, add_args, run):
+  """One sub-command: its parser, its flags (``add_args``) and what runs it."""
+  p = sub.add_parser(name, help=help_)
+  add_args(p)
+  p.set_defaults(func=run)
+  return p
+
+
 def register_train(sub) -> None:
   from dllm_jax.train import trainer
-
-  p = sub.add_parser("train-demo", help="train the bundled demo model (masked diffusion)")
-  trainer.add_train_args(p)
-  p.set_defaults(func=trainer.run_train)
+  _command(sub, "train-demo", "train the bundled demo model (masked diffusion)",
+           trainer.add_train_args, trainer.run_train)
 
 
 def register_profile(sub) -> None:
   from dllm_jax.logits import profiler
-
-  p = sub.add_parser("profile", help="offline memory profile and KV pool sizing")
-  profiler.add_profile_args(p)
-  p.set_defaults(func=profiler.run_profile)
+  _command(sub, "profile", "offline memory profile and KV pool sizing",
+           profiler.add_profile_args, profiler.run_profile)
 
 
 def register_serve(sub) -> None:
   from dllm_jax.server import cli as server_cli
-
-  p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a live demo page")
-  server_cli.add_serve_args(p)
-  p.set_defaults(func=server_cli.run_serve)
+  _command(sub, "serve", "OpenAI-compatible HTTP server with a live demo page",
+           server_cli.add_serve_args, server_cli.run_serve)
 
 
 def register_bench(sub) -> None:
@@ -182,12 +184,10 @@ def register_bench(sub) -> None:
   bsub = p.add_subparsers(dest="bench", required=True)
   from dllm_jax.bench import driver, logits_bench
 
-  lp = bsub.add_parser("logits", help="logit variants: peak activation bytes and time")
-  logits_bench.add_args(lp)
-  lp.set_defaults(func=logits_bench.run)
-  sp = bsub.add_parser("serve", help="run a workload against the engine (or --url server)")
-  driver.add_args(sp)
-  sp.set_defaults(func=driver.run)
+  _command(bsub, "logits", "logit variants: peak activation bytes and time",
+           logits_bench.add_args, logits_bench.run)
+  _command(bsub, "serve", "run a workload against the engine (or --url server)",
+           driver.add_args, driver.run)
   for name, module, help_ in (("attention", "attention_bench", "Reuse attention: dense vs sparse"),
                               ("sparse-quality", "sparse_quality",
                                "agreement of sparse modes with dense decoding")):
@@ -195,17 +195,13 @@ def register_bench(sub) -> None:
       mod = __import__(f"dllm_jax.bench.{module}", fromlist=["run"])
     except ModuleNotFoundError:
       continue
-    bp = bsub.add_parser(name, help=help_)
-    mod.add_args(bp)
-    bp.set_defaults(func=mod.run)
+    _command(bsub, name, help_, mod.add_args, mod.run)
 
 
 def register_ablate(sub) -> None:
   from dllm_jax.bench import ablation
-
-  p = sub.add_parser("ablate", help="the ablation ladder at an equal memory budget, with plots")
-  ablation.add_args(p)
-  p.set_defaults(func=ablation.run)
+  _command(sub, "ablate", "the ablation ladder at an equal memory budget, with plots",
+           ablation.add_args, ablation.run)
 
 
 def _optional(register):

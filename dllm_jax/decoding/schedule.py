@@ -17,10 +17,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
+def llada_count_host(n: int, s: int, j: int) -> int:
+  """Host-side LLaDA count at step j of a block of n tokens over s steps."""
+  base, rem = divmod(n, s)
+  return base + (j < rem)
+
+
 def llada_block_counts(n: int, s: int) -> list[int]:
   """Host-side LLaDA schedule of one block: n tokens over s steps."""
-  base, rem = divmod(n, s)
-  return [base + (j < rem) for j in range(s)]
+  return [llada_count_host(n, s, j) for j in range(s)]
 
 
 def llada_count(block_len, steps_per_block, step_in_block):

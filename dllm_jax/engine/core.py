@@ -128,6 +128,10 @@ class EngineCore:
   # Intake -------------------------------------------------------------------------------------
   def validate(self, prompt_ids: list[int], sp: SamplingParams, sparse: SparseConfig | None):
     """Reject at once what could never run (never queue a request that would livelock)."""
+    self._check(Request("probe", list(prompt_ids), sp, sparse, self.mcfg.mask_token_id))
+
+  def _check(self, req: Request) -> None:
+    prompt_ids, sp = req.prompt_ids, req.params
     n = len(prompt_ids) + sp.gen_length
     if n > self.max_len:
       raise ValueError(f"prompt ({len(prompt_ids)} tokens) + gen_length ({sp.gen_length}) = {n} "
@@ -138,7 +142,6 @@ class EngineCore:
     if n > self.cfg.token_budget:
       raise ValueError(f"a Refresh of this request feeds {n} tokens, over the engine's token "
                        f"budget {self.cfg.token_budget}")
-    req = Request("probe", prompt_ids, sp, sparse, self.mcfg.mask_token_id)
     if not self._fits_activation([req], []):
       raise ValueError(f"a Refresh of {n} tokens exceeds the activation budget "
                        f"{self.cfg.activation_budget_bytes:,} bytes")
@@ -152,15 +155,16 @@ class EngineCore:
           prompt: str | None = None) -> str:
     """Queue a request (thread-safe). Raises ValueError for one that can never run and
     QueueFull when the waiting queue is at its limit."""
-    self.validate(prompt_ids, sp, sparse)
+    req = Request("", list(prompt_ids), sp, sparse, self.mcfg.mask_token_id, callback=callback,
+                  prompt=prompt)
+    self._check(req)
     with self._lock:
       rid = request_id if request_id is not None else f"req-{next(self._ids)}"
       if rid in self._requests:
         raise ValueError(f"request id {rid!r} is already in use")
       if len(self._intake) + len(self.scheduler.waiting) >= self.cfg.max_waiting:
         raise QueueFull(f"waiting queue is full ({self.cfg.max_waiting} requests)")
-      req = Request(rid, list(prompt_ids), sp, sparse, self.mcfg.mask_token_id,
-                    callback=callback, prompt=prompt)
+      req.request_id = rid
       self._requests[rid] = req
       self._intake.append(req)
     return rid

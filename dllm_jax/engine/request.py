@@ -132,9 +132,7 @@ class Request:
     if sp.schedule == "dream":
       return schedule.dream_counts_host(self._num_masked, sp.effective_steps, self.step)
     per_block = max(sp.steps_per_block, 1)
-    j = self.step - b * per_block
-    base, rem = divmod(lb, per_block)
-    return base + (j < rem)
+    return schedule.llada_count_host(lb, per_block, self.step - b * per_block)
 
   def decode_scalars(self) -> tuple:
     """(temperature, seed, confidence id, rule id, threshold, factor, step, fixed count): the

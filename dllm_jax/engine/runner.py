@@ -37,7 +37,7 @@ from dllm_jax.model.transformer import RefreshPart, Transformer
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pallas_kernels.common import MASK_VALUE
-from pallas_kernels.fused_lm_head.reference import finalize, merge, tile_stats
+from pallas_kernels.fused_lm_head.reference import finalize, map_row_chunks, merge, tile_stats
 
 
 def pow2_at_least(x: int, lo: int = 1) -> int:
@@ -156,27 +156,21 @@ def _sharded_decode(hidden, head, params: variants.RowParams, static: StepStatic
   """Vocab-parallel decode: each device scores its vocab slice in row chunks, keeps per-row
   online statistics, and only those [rows]-sized statistics cross devices (all_gather, then a
   merge in vocab order) — the [rows x V] logits are never gathered."""
-  r, d = hidden.shape
   v_local = head.shape[1]
   offset = jax.lax.axis_index(axis) * v_local
-  c = min(static.plan.chunk_rows, r)
-  n = -(-r // c)
-  pad = lambda x: jnp.pad(x, [(0, n * c - r)] + [(0, 0)] * (x.ndim - 1))
   p = variants.RowParams(params.temperature.astype(jnp.float32), params.seed.astype(jnp.uint32),
                          params.step.astype(jnp.int32), params.position.astype(jnp.int32))
-  xs = tuple(pad(x).reshape((n, c) + x.shape[1:])
-             for x in (hidden, p.temperature, p.seed, p.step, p.position))
   cols = offset + jnp.arange(v_local, dtype=jnp.int32)
 
-  def chunk(a):
-    h, t, sd, stp, pos = a
+  def chunk(h, t, sd, stp, pos):
     logits = jnp.dot(h.astype(head.dtype), head, preferred_element_type=jnp.float32)
     logits = jnp.where(cols[None, :] < vocab_size, logits, MASK_VALUE)  # padded vocab ids
     return tile_stats(logits, offset, None, t, sd, stp, pos, hot=jnp.any(t > 0),
                       want_margin=static.want_margin, want_entropy=static.want_entropy,
                       exclude_id=mask_id)
 
-  st = jax.tree.map(lambda x: x.reshape(n * c)[:r], jax.lax.map(chunk, xs))
+  st = map_row_chunks(chunk, (hidden, p.temperature, p.seed, p.step, p.position),
+                      static.plan.chunk_rows)
   every = jax.lax.all_gather(st, axis)  # each field [tp, R]
   merged = jax.tree.map(lambda x: x[0], every)
   for i in range(1, every.m.shape[0]):

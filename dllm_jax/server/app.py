@@ -698,6 +698,12 @@ def _sse(obj) -> str:
   return f"data: {data}\n\n"
 
 
+def _sse_error(ev) -> tuple[str, str]:
+  """The end of a stream whose request failed: an OpenAI error body, then [DONE]."""
+  _, status, msg, code = ev
+  return _sse(error_body(msg, _type_for(status), None, code)), _sse("[DONE]")
+
+
 async def _events(handle: Handle, state: _State) -> AsyncIterator[tuple]:
   """Engine events for a streaming response; None = heartbeat due."""
   while True:
@@ -750,10 +756,9 @@ async def _openai_stream(request, handle: Handle, asm: TextAssembler, state: _St
           yield _sse(chunk(delta, None))
         break
       elif kind == "error":
-        _, status, msg, code = ev
         finished = True
-        yield _sse(error_body(msg, _type_for(status), None, code))
-        yield _sse("[DONE]")
+        for line in _sse_error(ev):
+          yield line
         return
     finished = True
     yield _sse(chunk(None if chat else "", asm.finish_reason))
@@ -856,10 +861,9 @@ async def _native_stream(request, handle: Handle, asm: TextAssembler | None, sta
         yield _sse("[DONE]")
         return
       elif kind == "error":
-        _, status, msg, code = ev
         finished = True
-        yield _sse(error_body(msg, _type_for(status), None, code))
-        yield _sse("[DONE]")
+        for line in _sse_error(ev):
+          yield line
         return
   finally:
     if not finished:

@@ -41,17 +41,10 @@ class ReplicaRouter:
   def accepting(self) -> bool:
     return all(w.accepting for w in self.workers)
 
-  @property
-  def step_errors(self) -> int:
-    return sum(w.step_errors for w in self.workers)
-
-  @property
-  def requests_failed(self) -> int:
-    return sum(w.requests_failed for w in self.workers)
-
-  @property
-  def requests_retried(self) -> int:
-    return sum(w.requests_retried for w in self.workers)
+  # Counters summed over the replicas (the metrics endpoint reads them like a worker's).
+  step_errors = property(lambda self: sum(w.step_errors for w in self.workers))
+  requests_failed = property(lambda self: sum(w.requests_failed for w in self.workers))
+  requests_retried = property(lambda self: sum(w.requests_retried for w in self.workers))
 
   def start(self) -> None:
     for w in self.workers:
