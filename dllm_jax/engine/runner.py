@@ -26,15 +26,14 @@ import threading
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from dllm_jax.decoding import noise, rules
+from dllm_jax.decoding import rules
 from dllm_jax.decoding.dense import LogitPlan
 from dllm_jax.logits import variants
 from dllm_jax.model.fused import ReusePart, SelectPart, SparseStatic, step_forward
 from dllm_jax.model.transformer import RefreshPart, Transformer
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.common import MASK_VALUE
 from pallas_kernels.fused_lm_head.reference import finalize, map_row_chunks, merge, tile_stats
@@ -158,8 +157,7 @@ def _sharded_decode(hidden, head, params: variants.RowParams, static: StepStatic
   merge in vocab order) — the [rows x V] logits are never gathered."""
   v_local = head.shape[1]
   offset = jax.lax.axis_index(axis) * v_local
-  p = variants.RowParams(params.temperature.astype(jnp.float32), params.seed.astype(jnp.uint32),
-                         params.step.astype(jnp.int32), params.position.astype(jnp.int32))
+  p = params.normalized()
   cols = offset + jnp.arange(v_local, dtype=jnp.int32)
 
   def chunk(h, t, sd, stp, pos):
@@ -175,9 +173,8 @@ def _sharded_decode(hidden, head, params: variants.RowParams, static: StepStatic
   merged = jax.tree.map(lambda x: x[0], every)
   for i in range(1, every.m.shape[0]):
     merged = merge(merged, jax.tree.map(lambda x, i=i: x[i], every))
-  token, conf, margin, entropy = finalize(merged, static.want_margin, static.want_entropy)
-  rand = noise.uniform(p.seed, p.step, p.position, vocab_size)
-  return variants.RowOut(token, conf, margin, entropy, rand)
+  return variants.with_rand(finalize(merged, static.want_margin, static.want_entropy), p,
+                           vocab_size)
 
 
 class Runner:

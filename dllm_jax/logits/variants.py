@@ -58,6 +58,11 @@ class RowParams:
     b = lambda x, dt: jnp.broadcast_to(jnp.asarray(x).astype(dt), position.shape)
     return cls(b(temperature, jnp.float32), b(seed, jnp.uint32), b(step, jnp.int32), position)
 
+  def normalized(self) -> "RowParams":
+    """The fields in the dtypes the statistics expect (f32, uint32, int32, int32)."""
+    return RowParams(self.temperature.astype(jnp.float32), self.seed.astype(jnp.uint32),
+                     self.step.astype(jnp.int32), self.position.astype(jnp.int32))
+
 
 @struct.dataclass
 class RowOut:
@@ -68,27 +73,30 @@ class RowOut:
   rand: jax.Array               # f32 [R] in (0, 1)
 
 
-def _norm(p: RowParams) -> RowParams:
-  return RowParams(p.temperature.astype(jnp.float32), p.seed.astype(jnp.uint32),
-                   p.step.astype(jnp.int32), p.position.astype(jnp.int32))
+def with_rand(outs, p: RowParams, vocab_size: int) -> RowOut:
+  """RowOut from (token, confidence, margin, entropy) plus the 'random' confidence lane."""
+  return RowOut(*outs, rand=noise.uniform(p.seed, p.step, p.position, vocab_size))
+
+
+def _decide(logits, p: RowParams, want_margin, want_entropy, exclude_id):
+  """(token, confidence, margin, entropy) from [R, V] f32 logits; ``p`` normalized."""
+  st = logits_stats(logits, p.temperature, p.seed, p.step, p.position, want_margin=want_margin,
+                    want_entropy=want_entropy, exclude_id=exclude_id)
+  return finalize(st, want_margin, want_entropy)
 
 
 def decode_logits(logits, params: RowParams, *, want_margin: bool = False,
                   want_entropy: bool = False, exclude_id: int | None = None) -> RowOut:
   """logits [R, V] f32, params fields [R] -> RowOut: the decisions from given logits."""
-  p = _norm(params)
-  outs = finalize(logits_stats(logits, p.temperature, p.seed, p.step, p.position,
-                               want_margin=want_margin, want_entropy=want_entropy,
-                               exclude_id=exclude_id), want_margin, want_entropy)
-  return RowOut(*outs, rand=noise.uniform(p.seed, p.step, p.position, logits.shape[1]))
+  p = params.normalized()
+  return with_rand(_decide(logits, p, want_margin, want_entropy, exclude_id), p,
+                   logits.shape[1])
 
 
 def _monolithic(hidden, head, p: RowParams, want_margin, want_entropy, exclude_id):
   """[R, V] f32 logits at once (``rows``/``full``); reductions fuse into reads of the logits."""
   logits = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
-  st = logits_stats(logits, p.temperature, p.seed, p.step, p.position, want_margin=want_margin,
-                    want_entropy=want_entropy, exclude_id=exclude_id)
-  return finalize(st, want_margin, want_entropy)
+  return _decide(logits, p, want_margin, want_entropy, exclude_id)
 
 
 def _row_chunked(hidden, head, p: RowParams, c, want_margin, want_entropy, exclude_id):
@@ -115,7 +123,7 @@ def decode_rows(hidden, head, params: RowParams, *, variant: str, chunk_rows: in
     raise ValueError(f"expected hidden [R, d] and head [d, V]; got {hidden.shape}, {head.shape}")
   if chunk_rows < 1 or vocab_tile < 1:
     raise ValueError(f"chunk_rows / vocab_tile must be >= 1, got {chunk_rows}, {vocab_tile}")
-  p = _norm(params)
+  p = params.normalized()
   hidden = hidden.astype(head.dtype)
   if variant in ("full", "rows"):
     outs = _monolithic(hidden, head, p, want_margin, want_entropy, exclude_id)
@@ -126,8 +134,7 @@ def decode_rows(hidden, head, params: RowParams, *, variant: str, chunk_rows: in
         hidden, head, p.temperature, p.seed, p.step, p.position, chunk_rows=chunk_rows,
         vocab_tile=vocab_tile, want_margin=want_margin, want_entropy=want_entropy,
         exclude_id=exclude_id, impl=impl))
-  rand = noise.uniform(p.seed, p.step, p.position, head.shape[1])
-  return RowOut(*outs, rand=rand)
+  return with_rand(outs, p, head.shape[1])
 
 
 def decode_full(hidden_all, head, params: RowParams, *, want_margin: bool = False,
