@@ -34,12 +34,13 @@ class Shapes:
 
 
 @dataclasses.dataclass
-class RowMeta:
-  """Where each decoded row's candidates live on the canvas (to apply the results)."""
+class StepRows:
+  """Where the scheduled requests' candidates are (to apply the step's results), n = requests."""
 
-  req: Request
-  positions: np.ndarray  # [C] absolute positions (valid entries only used via `valid`)
-  valid: np.ndarray      # [C] bool
+  reqs: list[Request]    # Refresh requests, then Reuse requests
+  index: np.ndarray      # [n] row of each request in the device outputs (Refresh bucket padded)
+  positions: np.ndarray  # [n, C] absolute canvas positions (valid entries only, via `valid`)
+  valid: np.ndarray      # [n, C] bool
 
 
 def shapes_for(refresh: list[Request], reuse: list[Request], cfg: ModelConfig,
@@ -57,7 +58,7 @@ def shapes_for(refresh: list[Request], reuse: list[Request], cfg: ModelConfig,
 
 def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, shapes: Shapes,
                *, sparse_on: bool, max_slots: int, reserved_width: int):
-  """(StepInputs, [RowMeta]) for the scheduled requests. ``reserved_width``: total width of the
+  """(StepInputs, StepRows) for the scheduled requests. ``reserved_width``: total width of the
   reserved-page array, split evenly between tensor-parallel devices.
 
   Per-row Python does only what is per row (copy a canvas, read scalars); the candidate arrays
@@ -108,7 +109,6 @@ def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, s
       step=per_row(step, i32, 0), confidence=per_row(confidence, i32, 0),
       rule=per_row(rule, i32, 0), k=per_row(k, i32, 0),
       threshold=per_row(threshold, np.float32, 1.0), factor=per_row(factor, np.float32, 1.0))
-  metas = [(int(rows[i]), RowMeta(r, pos[i], valid[i])) for i, r in enumerate(reqs)]
 
   refresh_part = select_part = reuse_part = None
   if refresh:
@@ -151,7 +151,7 @@ def build_step(refresh: list[Request], reuse: list[Request], cfg: ModelConfig, s
         tokens[i, lb] = req.canvas[start - 1]
         positions[i, lb] = start - 1
     reuse_part = ReusePart(tokens, positions, new_len, slots)
-  return StepInputs(refresh_part, select_part, reuse_part, cand), metas
+  return StepInputs(refresh_part, select_part, reuse_part, cand), StepRows(reqs, rows, pos, valid)
 
 
 def dummy_step(cfg: ModelConfig, shapes: Shapes, *, max_slots: int, reserved_width: int):

@@ -16,7 +16,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dllm_jax.cache.page_pool import (PoolConfig, ShardedPageAllocator, SlotAllocator,
                                       init_cache, max_keep, pages_needed)
@@ -250,10 +249,10 @@ class EngineCore:
         self._notify(req)
       return finished
     shapes = shapes_for(plan.refresh, plan.reuse, self.mcfg, self.max_len_bucket)
-    inputs, metas = build_step(plan.refresh, plan.reuse, self.mcfg, shapes, sparse_on=True,
-                               max_slots=self.pool_cfg.max_slots,
-                               reserved_width=self.reserved_width)
-    reqs = plan.refresh + plan.reuse
+    inputs, rows = build_step(plan.refresh, plan.reuse, self.mcfg, shapes, sparse_on=True,
+                              max_slots=self.pool_cfg.max_slots,
+                              reserved_width=self.reserved_width)
+    reqs = rows.reqs
     static = self._static(shapes, any(r.params.confidence == "margin" for r in reqs),
                           any(r.params.confidence == "entropy" for r in reqs))
     n_select = sum(1 for r in plan.refresh if r.is_sparse and r.phase() == Phase.SELECT)
@@ -262,13 +261,12 @@ class EngineCore:
     x0, commit = to_host(x0), to_host(commit)  # the step's one device->host transfer
     t2 = time.perf_counter()
     now = time.perf_counter()
-    rows = np.array([row for row, _ in metas])
-    sel_all = commit[rows] & np.stack([m.valid for _, m in metas])  # [n, C], all rows at once
-    x0 = x0[rows]
+    sel_all = commit[rows.index] & rows.valid  # [n, C], all rows at once
+    x0 = x0[rows.index]
     self.stats.committed_tokens += int(sel_all.sum())
-    for i, (_, meta) in enumerate(metas):
-      req, sel = meta.req, sel_all[i]
-      is_done = req.apply(meta.positions[sel], x0[i][sel], self.mcfg.eos_ids,
+    for i, req in enumerate(reqs):
+      sel = sel_all[i]
+      is_done = req.apply(rows.positions[i][sel], x0[i][sel], self.mcfg.eos_ids,
                           self.mcfg.eos_token_id)
       if req.first_token_time is None and req.committed_prefix() > 0:
         req.first_token_time = now
