@@ -57,7 +57,9 @@ class Request:
   def __post_init__(self):
     self.canvas = np.asarray(
         list(self.prompt_ids) + [self.mask_id] * self.params.gen_length, np.int32)
-    self._consts = None  # decode_scalars' constant part, built on first use
+    sp = self.params  # decode_scalars' constant part
+    self._consts = (sp.temperature, sp.seed, rules.CONFIDENCE_IDS[sp.confidence],
+                    rules.RULE_IDS[sp.rule], sp.threshold, sp.factor)
     self._eos_at = None  # leftmost committed EOS / EoT (index in the generation)
     self._scan(0)
 
@@ -72,8 +74,8 @@ class Request:
     self._num_masked = len(masked)
     bl = self.params.block_length
     b = self._first_mask // bl if self._num_masked else 0
-    start = len(self.prompt_ids) + b * bl
-    self._block = (b, start, min(bl, len(self.canvas) - start))
+    block_start = len(self.prompt_ids) + b * bl
+    self._block = (b, block_start, min(bl, len(self.canvas) - block_start))
 
   # Geometry ---------------------------------------------------------------------------------
   @property
@@ -137,11 +139,8 @@ class Request:
   def decode_scalars(self) -> tuple:
     """(temperature, seed, confidence id, rule id, threshold, factor, step, fixed count): the
     row's per-step decode inputs (batch.build_step)."""
-    sp = self.params
-    if self._consts is None:
-      self._consts = (sp.temperature, sp.seed, rules.CONFIDENCE_IDS[sp.confidence],
-                      rules.RULE_IDS[sp.rule], sp.threshold, sp.factor)
-    return self._consts + (self.step, self.fixed_count() if sp.rule == "fixed" else 0)
+    k = self.fixed_count() if self.params.rule == "fixed" else 0
+    return self._consts + (self.step, k)
 
   def reuse_cost(self, cfg: ModelConfig) -> int:
     _, _, lb = self.current_block()

@@ -96,7 +96,8 @@ def tile_stats(l, start, lo, temperature, seed, step, position, *, hot, want_mar
   c, t = l.shape
   local = jnp.arange(t, dtype=jnp.int32)
   raw = l  # the unmasked tile (the GEMM output)
-  valid = None if lo is None else ((start + local) >= lo)[None, :]
+  ids = start + local  # token ids of the columns
+  valid = None if lo is None else (ids >= lo)[None, :]
 
   def masked(x, fill):
     return x if valid is None else jnp.where(valid, x, fill)
@@ -109,7 +110,6 @@ def tile_stats(l, start, lo, temperature, seed, step, position, *, hot, want_mar
     return x if bias is None else x + bias
 
   # The argmax also skips exclude_id: one [T] bias / predicate, fused like the mask above.
-  ids = start + local
   pickable = valid if exclude_id is None else (
       (ids != exclude_id)[None, :] if valid is None else valid & (ids != exclude_id)[None, :])
   pick_bias = None if pickable is None else jnp.where(pickable, 0.0, MASK_VALUE).astype(
@@ -146,7 +146,7 @@ def tile_stats(l, start, lo, temperature, seed, step, position, *, hot, want_mar
   def best(noisy: bool):
     s = raw
     if noisy:
-      g = noise.gumbel(seed[:, None], step[:, None], position[:, None], (start + local)[None, :])
+      g = noise.gumbel(seed[:, None], step[:, None], position[:, None], ids[None, :])
       s = raw + temperature[:, None] * g
     if pickable is not None:
       s = jnp.where(pickable, s, MASK_VALUE) if in_kernel else s + pick_bias
