@@ -582,7 +582,7 @@ def test_activation_budget_bounds_every_step(make_llm, policy):
 # Request's cached host state (request.py keeps the first mask, mask count, block and leftmost
 # EOS incrementally) against a plain re-scan of the canvas after every apply.
 
-def _rescan(req, eos_ids):
+def _rescan(req):
   gen = req.canvas[req.prompt_len:]
   masked = np.flatnonzero(gen == MASK)
   first = int(masked[0]) if len(masked) else req.params.gen_length
@@ -601,7 +601,7 @@ def test_request_caches_match_a_plain_rescan(seed):
   req = Request("r", [int(t) for t in rng.integers(0, 60, 5)], sp, None, MASK)
   done = False
   while not done:
-    blk, first, n_masked = _rescan(req, eos_ids)
+    blk, first, n_masked = _rescan(req)
     assert req.current_block() == blk and req.committed_prefix() == first
     assert req._num_masked == n_masked
     # Commit 0-3 masked positions of the current block, sometimes an EOS / EoT.
