@@ -153,7 +153,8 @@ def load_params(path: str, cfg: ModelConfig, *, param_dtype=jnp.float32) -> dict
 
 
 def load_model(path: str, *, param_dtype=None, cfg: ModelConfig | None = None) -> Transformer:
-  """Build a model from an HF-layout directory (config.json + safetensors).
+  """Build a model from an HF-layout directory (config.json + safetensors) or an orbax
+  directory written by ``dllm-jax convert --to orbax`` (config.json + params/).
 
   ``param_dtype`` defaults to float32 on CPU and bfloat16 on an accelerator.
   """
@@ -162,6 +163,9 @@ def load_model(path: str, *, param_dtype=None, cfg: ModelConfig | None = None) -
   cfg = cfg or ModelConfig.from_json(path)
   if param_dtype is None:
     param_dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  if os.path.isdir(os.path.join(path, "params")):  # an orbax directory (dllm-jax convert)
+    from dllm_jax.model.checkpoint import restore_params
+    return restore_params(path, cfg=cfg, param_dtype=param_dtype)
   pure = load_params(path, cfg, param_dtype=param_dtype)
   return model_from_pure(cfg, pure, param_dtype=param_dtype)
 
