@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from dllm_jax.bench import metrics as M
 from dllm_jax.bench import workloads as W
+from dllm_jax.engine_flags import add_engine_args, engine_config_from_args  # noqa: F401 (API)
 
 RESULT_VERSION = 1
 
@@ -327,36 +328,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                  help="untimed compile before the run: quick = generate two of the requests, "
                       "full = every bucket (slow on CPU)")
   g.add_argument("--no-progress", action="store_true")
-  e = p.add_argument_group("engine")
-  e.add_argument("--scheduler", choices=("phase", "fcfs", "static"), default="phase")
-  e.add_argument("--logits", choices=("auto", "full", "rows", "row_chunked", "vocab_tiled"),
-                 default="auto")
-  e.add_argument("--sparse", choices=("off", "shared", "per_head", "per_head_adaptive"),
-                 default="per_head")
-  e.add_argument("--keep-ratio", type=float, default=0.5)
-  e.add_argument("--memory-budget-mb", type=float, default=None)
-  e.add_argument("--token-budget", type=int, default=None)
-  e.add_argument("--max-running", type=int, default=None)
-  e.add_argument("--max-refresh-rows", type=int, default=None)
-  e.add_argument("--max-reuse-rows", type=int, default=None)
-  e.add_argument("--max-model-len", type=int, default=None)
-
-
-def engine_config_from_args(args):
-  """EngineConfig from the engine flags (unset flags keep EngineConfig's defaults)."""
-  from dllm_jax.cache.sparse_state import SparseConfig
-  from dllm_jax.config import EngineConfig
-  kw: dict[str, Any] = dict(scheduler=args.scheduler, logits=args.logits)
-  if args.sparse != "off":
-    kw["sparse"] = SparseConfig(selection=args.sparse, keep_ratio=args.keep_ratio)
-  if args.memory_budget_mb is not None:
-    kw["memory_budget_bytes"] = int(args.memory_budget_mb * 2**20)
-  if args.token_budget is not None:
-    kw["token_budget"] = args.token_budget
-  for f in ("max_running", "max_refresh_rows", "max_reuse_rows", "max_model_len"):
-    if getattr(args, f, None) is not None:
-      kw[f] = getattr(args, f)
-  return EngineConfig(**kw)
+  add_engine_args(p, sparse_default="per_head")
 
 
 def base_params_from_args(args) -> dict:

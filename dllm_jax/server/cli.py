@@ -16,19 +16,12 @@ import argparse
 import os
 import sys
 
-
-def _positive(v: str) -> int:
-  try:
-    n = int(v)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-  if n < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-  return n
+from dllm_jax import engine_flags
+from dllm_jax.engine_flags import add_engine_args, positive_int
 
 
 def _port(v: str) -> int:
-  n = _positive(v)
+  n = positive_int(v)
   if n > 65535:
     raise argparse.ArgumentTypeError(f"expected a port in [1, 65535], got {v!r}")
   return n
@@ -46,7 +39,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   p.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
                  help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
                       "(default: $DLLM_API_KEY, else no auth)")
-  p.add_argument("--max-queue", type=_positive, default=64,
+  p.add_argument("--max-queue", type=positive_int, default=64,
                  help="requests that may wait for a running slot before new ones get 429")
   p.add_argument("--shutdown-timeout", type=float, default=30.0,
                  help="seconds in-flight requests get to finish on shutdown")
@@ -54,49 +47,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                  choices=["critical", "error", "warning", "info", "debug"])
   p.add_argument("--warmup", action="store_true",
                  help="precompile the engine's step for every bucket before serving")
-  g = p.add_argument_group("engine (EngineConfig)")
-  g.add_argument("--max-running", type=_positive, help="requests decoded concurrently")
-  g.add_argument("--token-budget", type=_positive, help="tokens fed per step")
-  g.add_argument("--max-model-len", type=_positive, help="cap on prompt + gen_length")
-  g.add_argument("--scheduler", choices=["phase", "fcfs", "static"])
-  g.add_argument("--logits", choices=["auto", "full", "rows", "row_chunked", "vocab_tiled"])
-  g.add_argument("--num-pages", type=_positive, help="KV pool pages (overrides the budget)")
-  g.add_argument("--page-size", type=_positive)
-  g.add_argument("--memory-budget-bytes", type=_positive)
-  g.add_argument("--activation-budget-bytes", type=_positive)
-  g.add_argument("--max-block-length", type=_positive)
-  g.add_argument("--attn-impl", choices=["auto", "pallas", "reference", "interpret"])
-  g.add_argument("--tp", type=_positive, help="tensor-parallel devices per replica")
-  p.add_argument("--replicas", type=_positive, default=1,
+  p.add_argument("--replicas", type=positive_int, default=1,
                  help="data-parallel engines on disjoint device sets (least-loaded routing)")
-  s = p.add_argument_group("default sparse cache (requests may bring their own)")
-  s.add_argument("--sparse", dest="sparse", action="store_true", default=False,
-                 help="sparse KV caching for requests that do not choose (default: dense)")
-  s.add_argument("--keep-ratio", type=float)
-  s.add_argument("--pool-kernel", type=_positive)
-  s.add_argument("--delay", type=int)
-  s.add_argument("--selection", choices=["per_head", "shared", "per_head_adaptive"])
+  add_engine_args(p)
   return p
 
 
-_ENGINE_FLAGS = ("max_running", "token_budget", "max_model_len", "scheduler", "logits",
-                 "num_pages", "page_size", "memory_budget_bytes", "activation_budget_bytes",
-                 "max_block_length", "attn_impl")
-
-
 def engine_config_from_args(args):
-  from dllm_jax.cache.sparse_state import SparseConfig
-  from dllm_jax.config import EngineConfig
-
-  kw = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None}
-  sparse_kw = {k: getattr(args, k) for k in ("keep_ratio", "pool_kernel", "delay", "selection")
-               if getattr(args, k, None) is not None}
-  if sparse_kw and not args.sparse:
-    raise ValueError("--keep-ratio / --pool-kernel / --delay / --selection need --sparse")
-  if args.sparse:
-    kw["sparse"] = SparseConfig(**sparse_kw)
-  kw["max_waiting"] = args.max_queue
-  return EngineConfig(**kw)
+  """The EngineConfig of ``serve``'s flags (``--max-queue`` is its waiting-queue limit)."""
+  return engine_flags.engine_config_from_args(args, max_waiting=args.max_queue)
 
 
 def build_replicas(model: str, cfg, replicas: int) -> list:

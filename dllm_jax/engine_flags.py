@@ -1,0 +1,125 @@
+"""The engine's command-line flags, shared by ``serve``, ``bench serve`` and ``bench e2e``.
+
+    add_engine_args(parser)              # the EngineConfig flags (+ the default sparse cache)
+    cfg = engine_config_from_args(args)  # unset flags keep EngineConfig's defaults
+
+Imports nothing heavy (no jax) so that building the CLI's parser stays fast; choices come from
+the value lists in :mod:`dllm_jax.config`. Values argparse cannot check without jax (sparse
+selection modes, attention implementations) are checked by EngineConfig / SparseConfig, whose
+ValueError names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dllm_jax import config as C
+
+SPARSE_OFF = "off"
+_PLAIN = ("max_running", "token_budget", "max_model_len", "scheduler", "logits", "num_pages",
+          "page_size", "memory_budget_bytes", "activation_budget_bytes", "max_block_length",
+          "max_refresh_rows", "max_reuse_rows", "attn_impl", "tp")
+_SPARSE = ("keep_ratio", "pool_kernel", "delay")
+
+
+def positive_int(v: str) -> int:
+  """argparse type: an integer >= 1."""
+  try:
+    n = int(v)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+  return n
+
+
+def nonneg_int(v: str) -> int:
+  """argparse type: an integer >= 0."""
+  try:
+    n = int(v)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}") from None
+  if n < 0:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}")
+  return n
+
+
+def positive_float(v: str) -> float:
+  """argparse type: a finite number > 0."""
+  try:
+    x = float(v)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}") from None
+  if not 0 < x < float("inf"):
+    raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}")
+  return x
+
+
+def add_engine_args(parser: argparse.ArgumentParser, *,
+                    sparse_default: str = SPARSE_OFF) -> argparse.ArgumentParser:
+  """Add the EngineConfig flags to ``parser``. ``sparse_default``: the default sparse mode of
+  requests that do not choose ("off" = dense; a selection mode such as "per_head")."""
+  g = parser.add_argument_group("engine (EngineConfig; unset flags keep its defaults)")
+  g.add_argument("--max-running", type=positive_int, help="requests decoded concurrently")
+  g.add_argument("--token-budget", type=positive_int, help="tokens fed to the model per step")
+  g.add_argument("--max-model-len", type=positive_int, help="cap on prompt + gen_length tokens")
+  g.add_argument("--scheduler", choices=C.SCHEDULERS,
+                 help="phase = phase-multiplexed (default), fcfs = token-budget FCFS, "
+                      "static = a batch runs to completion before the next is admitted")
+  g.add_argument("--logits", choices=C.LOGIT_VARIANTS,
+                 help="logit variant: auto = the budgeter's choice (default); full = the "
+                      "no-budgeting baseline")
+  g.add_argument("--num-pages", type=positive_int,
+                 help="KV pool pages per device (overrides the memory budget)")
+  g.add_argument("--page-size", type=positive_int, help="tokens per KV page (a power of two)")
+  mem = g.add_mutually_exclusive_group()
+  mem.add_argument("--memory-budget-mb", type=positive_float,
+                   help="weights + KV pool + activation peak per device, MiB")
+  mem.add_argument("--memory-budget-bytes", type=positive_int,
+                   help="the same budget in bytes")
+  g.add_argument("--activation-budget-bytes", type=positive_int,
+                 help="activation peak the logit budgeter plans within")
+  g.add_argument("--max-block-length", type=positive_int,
+                 help="largest block_length a request may use")
+  g.add_argument("--max-refresh-rows", type=positive_int,
+                 help="Refresh rows per step (caps the step shapes to compile)")
+  g.add_argument("--max-reuse-rows", type=positive_int,
+                 help="Reuse rows per step (caps the step shapes to compile)")
+  g.add_argument("--attn-impl", help="attention implementation: auto (default), pallas, "
+                                     "reference or interpret")
+  g.add_argument("--tp", type=positive_int, help="tensor-parallel devices per engine")
+  s = parser.add_argument_group("default sparse cache (requests may bring their own)")
+  s.add_argument("--sparse", nargs="?", const="per_head", default=sparse_default,
+                 metavar="MODE",
+                 help="sparse KV caching for requests that do not choose: a selection mode "
+                      "(per_head, shared, per_head_adaptive; a bare --sparse means per_head) "
+                      f"or '{SPARSE_OFF}' for dense (default: {sparse_default})")
+  s.add_argument("--selection", help="selection mode, same as --sparse MODE")
+  s.add_argument("--keep-ratio", type=float, help="fraction of the KV kept per head (0-1)")
+  s.add_argument("--pool-kernel", type=positive_int, help="max-pool width over key scores")
+  s.add_argument("--delay", type=nonneg_int, help="Refresh steps of a block before Select")
+  return parser
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides):
+  """The EngineConfig the flags of :func:`add_engine_args` describe; ``overrides`` (e.g.
+  ``max_waiting``) win. Raises ValueError for a contradictory or invalid combination."""
+  from dllm_jax.config import EngineConfig
+
+  kw = {k: getattr(args, k) for k in _PLAIN if getattr(args, k, None) is not None}
+  mb = getattr(args, "memory_budget_mb", None)
+  if mb is not None:
+    kw["memory_budget_bytes"] = int(mb * 2**20)
+  mode = getattr(args, "sparse", SPARSE_OFF) or SPARSE_OFF
+  selection = getattr(args, "selection", None)
+  sparse_kw = {k: getattr(args, k) for k in _SPARSE if getattr(args, k, None) is not None}
+  if mode == SPARSE_OFF:
+    if selection is not None or sparse_kw:
+      given = ["--" + k.replace("_", "-") for k in (["selection"] if selection else [])
+               + list(sparse_kw)]
+      raise ValueError(f"{' / '.join(given)} need --sparse (the sparse cache is off)")
+  else:
+    from dllm_jax.cache.sparse_state import SparseConfig
+    kw["sparse"] = SparseConfig(selection=selection or mode, **sparse_kw)
+  kw.update(overrides)
+  return EngineConfig(**kw)
