@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dllm_jax.model.layers import dense_attention
+from dllm_jax.model.attention import dense_attention
 from pallas_kernels.head_sparse_attention import head_sparse_attention, pack_queries
 
 CASES = {

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from dllm_jax.cache import selection
 from dllm_jax.cache.page_pool import SparseCache
-from dllm_jax.model.layers import dense_attention
+from dllm_jax.model.attention import dense_attention
 from dllm_jax.model.transformer import RefreshPart, Transformer
 from pallas_kernels.head_sparse_attention import (head_sparse_attention, pack_queries,
                                                   unpack_outputs)

@@ -1,14 +1,10 @@
-"""Building blocks shared by LLaDA and Dream: RMSNorm, rotate-half RoPE, dense attention."""
+"""Building blocks shared by LLaDA and Dream: RMSNorm, Linear, rotate-half RoPE."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-# Finite "minus infinity" for masked attention scores ((-inf) - (-inf) would be NaN).
-_MASK = -1e30
-
 
 class RMSNorm(nnx.Module):
   """Normalise in float32, cast back to the input dtype, then scale (HF / LLaDA order)."""
@@ -52,22 +48,3 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
-
-
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array) -> jax.Array:
-  """Non-causal attention with a key-padding mask; GQA by grouping query heads.
-
-  q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; kv_lengths: [B] valid keys per row.
-  Returns [B, T, Hq, D]. Softmax in float32, scale 1/sqrt(D).
-  """
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  g = hq // hkv
-  qg = q.reshape(b, t, hkv, g, d)
-  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-  s = s * (d ** -0.5)
-  valid = jnp.arange(k.shape[1])[None, :] < kv_lengths[:, None]  # [B, S]
-  s = jnp.where(valid[:, None, None, None, :], s, _MASK)
-  p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return o.reshape(b, t, hq, d).astype(q.dtype)

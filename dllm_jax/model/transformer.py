@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dllm_jax.config import ModelConfig
-from dllm_jax.model.layers import Linear, RMSNorm, dense_attention, rope
+from dllm_jax.model.attention import dense_attention
+from dllm_jax.model.layers import Linear, RMSNorm, rope
 
 
 @flax.struct.dataclass
