@@ -24,10 +24,14 @@ def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
+KERNEL_IMPLS = ("auto", "pallas", "reference", "interpret", "callback")
+
+
 def resolve_impl(impl: str) -> str:
-  """'auto' -> 'pallas' on a GPU, 'reference' elsewhere. Explicit choices pass through."""
-  if impl not in ("auto", "pallas", "reference", "interpret"):
-    raise ValueError(f"impl: expected auto|pallas|reference|interpret, got {impl!r}")
+  """'auto' -> 'pallas' on a GPU, 'reference' elsewhere. Explicit choices pass through
+  ('callback' is test-only and only some kernels have it)."""
+  if impl not in KERNEL_IMPLS:
+    raise ValueError(f"impl: expected one of {'|'.join(KERNEL_IMPLS)}, got {impl!r}")
   if impl == "auto":
     return "pallas" if on_gpu() else "reference"
   return impl

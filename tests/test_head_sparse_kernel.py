@@ -290,8 +290,8 @@ def test_pack_unpack_roundtrip_and_layout():
   q = jnp.arange(2 * 5 * 6 * 16, dtype=jnp.float32).reshape(2, 5, 6, 16)   # Lq 5, Hq 6, D 16
   packed = pack_queries(q, num_kv_heads=2)                  # G = 3 -> 15 rows -> QB 16
   assert packed.shape == (2, 2, 16, 16) and query_rows(5, 3) == 16
-  # row g*Lq + t of KV head h is query head h*G + g at token t
-  np.testing.assert_array_equal(packed[1, 1, 2 * 5 + 4], q[1, 4, 1 * 3 + 2])
+  # row t*G + g of KV head h is query head h*G + g at token t (token-major)
+  np.testing.assert_array_equal(packed[1, 1, 4 * 3 + 2], q[1, 4, 1 * 3 + 2])
   assert np.all(np.asarray(packed[:, :, 15:]) == 0)
   np.testing.assert_array_equal(unpack_outputs(packed, 5, 6), q)
   assert pack_queries(q, 2, rows=32).shape == (2, 2, 32, 16)
@@ -378,3 +378,71 @@ def test_pack_validation():
     pack_queries(jnp.zeros((1, 3, 6, 16)), 2, rows=8)
   with pytest.raises(ValueError, match=r"q must be \[B, Lq, Hq, D\]"):
     pack_queries(jnp.zeros((3, 6, 16)), 2)
+
+
+# ---- stacked pool [L, P, S, D] read in place at a traced layer, and q_rows tile skipping ----
+
+def to_stacked(args, num_layers: int = 3, layer: int = 1, seed: int = 5):
+  """Shared-layout args -> the same cache as plane ``layer`` of an [L, P, S, D] pool whose other
+  planes hold NaN (reading a wrong plane, or the whole pool, poisons the output)."""
+  q, k_pages, v_pages, *rest = to_shared(args) if args[1].ndim == 4 else args
+  stack = lambda x: jnp.stack([x if i == layer else jnp.full_like(x, jnp.nan)
+                               for i in range(num_layers)])
+  return (q, stack(k_pages), stack(v_pages), *rest)
+
+
+@pytest.mark.parametrize("name", ["ragged_mha", "gqa7_extra_row", "sub_blocks"])
+@pytest.mark.parametrize("impl", ["interpret", "reference", "callback"])
+def test_stacked_pool_with_traced_layer_matches_plane(name, impl):
+  case = CASES[name]
+  _, args = make_inputs(case, jnp.float32, layout="shared")
+  want = head_sparse_attention(*args, impl="reference", block_k=case.block_k,
+                               block_q=case.block_q)
+  stacked = to_stacked(args)
+  run = jax.jit(lambda layer, *a: head_sparse_attention(
+      *a, layer=layer, impl=impl, block_k=case.block_k, block_q=case.block_q))
+  got = run(jnp.int32(1), *stacked)
+  assert np.isfinite(np.asarray(got)).all()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=F32_MAX_ABS)
+
+
+def test_q_rows_skips_whole_tiles_only():
+  case = CASES["gqa7_extra_row"]                       # QB 64 in 16-row tiles, G = 7
+  _, args = make_inputs(case, jnp.float32, layout="shared")
+  full = np.asarray(head_sparse_attention(*args, impl="interpret", block_q=16))
+  used = jnp.asarray([7 * 3, 7 * 9], jnp.int32)        # 3 tokens of request 0, all 9 of request 1
+  got = np.asarray(head_sparse_attention(*args, q_rows=used, impl="interpret", block_q=16))
+  np.testing.assert_array_equal(got[0, :, :32], full[0, :, :32])   # tiles 0-1 cover rows < 21
+  np.testing.assert_array_equal(got[0, :, 32:], 0.0)               # tiles 2-3 skipped
+  np.testing.assert_array_equal(got[1], full[1])
+
+
+def test_stacked_pool_validation():
+  case = CASES["ragged_mha"]
+  _, args = make_inputs(case, jnp.float32, layout="shared")
+  with pytest.raises(ValueError, match="stacked pool"):
+    head_sparse_attention(*args, layer=jnp.int32(0), impl="reference")
+  with pytest.raises(ValueError, match="q_rows"):
+    head_sparse_attention(*args, q_rows=jnp.zeros((5,), jnp.int32), impl="reference")
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("group,tokens", [(1, 32), (7, 33)])
+def test_stacked_pool_lowers_to_triton_without_slicing(group, tokens):
+  """The engine's call (whole [L, P, S, D] pool, traced layer, q_rows) lowers to one Triton
+  call that takes the pool buffer itself: no slice or copy of it anywhere in the module."""
+  from pallas_kernels.common import cuda_lowering_text
+
+  sds, i32, bf16 = jax.ShapeDtypeStruct, jnp.int32, jnp.bfloat16
+  b, hkv, d, s, mp, layers, pages = 2, 4, 128, 64, 8, 3, 37
+  qb = query_rows(tokens, group)
+  pool = sds((layers, pages, s, d), bf16)
+  args = (sds((b, hkv, qb, d), bf16), pool, pool, sds((b, hkv, mp), i32), sds((b, hkv), i32),
+          sds((b, hkv, 32, d), bf16), sds((b, hkv, 32, d), bf16), sds((b,), i32), sds((), i32),
+          sds((b,), i32))
+  text = cuda_lowering_text(lambda *a: head_sparse_attention(*a, impl="pallas"), *args)
+  assert "triton" in text
+  pool_type = f"tensor<{layers}x{pages}x{s}x{d}xbf16>"
+  for line in text.splitlines():
+    if pool_type in line and ("slice" in line or "gather" in line or "copy" in line):
+      raise AssertionError(f"the pool is sliced or copied: {line.strip()}")

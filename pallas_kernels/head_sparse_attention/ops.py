@@ -7,13 +7,19 @@ paged pool.
 
 Shapes (B requests, Hkv KV heads, G = Hq // Hkv query heads per KV head, D head dim):
 
-  q           [B, Hkv, QB, D]  query rows of KV head h's GQA group, group-major: row g*Lq + t is
+  q           [B, Hkv, QB, D]  query rows of KV head h's GQA group, token-major: row t*G + g is
                                query head h*G + g at block token t. Rows past G*Lq are padding (any
                                values; their outputs are meaningless). Build q with `pack_queries`,
                                read results back with `unpack_outputs`.
-  k_pages,    [P, S, D]        paged pool, one of two layouts (below), told apart by rank. A page
-  v_pages  or [Hkv, P, S, D]   holds S tokens of ONE (request, KV head). Page 0 is a dummy page for
-                               unused table entries and may hold garbage (even NaN).
+  k_pages,    [P, S, D]        paged pool, one of three layouts (below): shared or head-major told
+  v_pages  or [Hkv, P, S, D]   apart by rank, stacked by passing `layer`. A page holds S tokens of
+           or [L, P, S, D]     ONE (request, KV head). Page 0 is a dummy page for unused table
+                               entries and may hold garbage (even NaN).
+  layer       int32 scalar     (stacked pool only) the layer plane to read, traced: the same code
+                               runs inside lax.scan over layers.
+  q_rows      [B] i32          (optional) q rows in use per request (e.g. n_tokens*G): the kernel
+                               skips q tiles wholly past it (their outputs are zeros); rows past it
+                               inside a used tile are computed and meaningless.
   page_table  [B, Hkv, MP] i32 pages of (b, h) in token order, ids in [0, P); unused entries = 0.
   kv_len      [B, Hkv] i32     valid cached tokens of (b, h), in [0, MP*S]: may be 0 and need not be
                                a multiple of S. Cached token t is in page page_table[b, h, t // S]
@@ -31,8 +37,12 @@ Pool layouts (same kernel body; only the BlockSpec differs):
                                k_pages[page_table[b, h, t // S], t % S]). Pages of different heads
                                interleave freely, so one free list serves every head and a request's
                                page reservation can be split unevenly among its heads (head-adaptive
-                               budgets without per-head pools). The engine's layout: its per-layer
-                               pool [L, P, S, D] is passed as pool[layer].
+                               budgets without per-head pools).
+  stacked     [L, P, S, D]     the shared layout for every layer at once (the engine's pool):
+                               page id p means the same slot range in every layer plane; pass the
+                               whole buffer and `layer`. Never pass `pool[layer]`: a slice of a
+                               buffer handed to a custom call is a copy of that whole plane
+                               (pallas-gpu-notes.md §0b), so every step would move the pool.
   head-major  [Hkv, P, S, D]   each KV head has its own page space: (b, h)'s ids index k_pages[h]
                                (token t at k_pages[h, page_table[b, h, t // S], t % S]). Needs a
                                free list per head and P pages in every head's space, so it suits
@@ -46,7 +56,10 @@ fresh rows of b, with softmax(q.k * scale) in f32, scale = 1/sqrt(D) unless give
 valid key gets zeros. All float inputs must share one dtype (bf16 or f32).
 
 Implementations (`impl`): "auto" -> the Pallas kernel on a GPU, the jnp reference elsewhere;
-"pallas"; "interpret" (the Pallas kernel under the CPU interpreter, for tests); "reference".
+"pallas"; "interpret" (the Pallas kernel under the CPU interpreter, for tests); "reference";
+"callback" (test-only: the kernel's exact operand list handed to `jax.pure_callback`, an opaque
+call like the GPU custom call, computed by the reference on the host; lets CPU tests see what
+XLA does around an opaque consumer of the pool).
 The kernel needs QB, D and the tile sizes to be powers of two >= 16 (Triton); it pads Ln itself.
 Static tuning knobs: block_k (cached tokens per step, must divide S; default min(S, 64)), block_q
 (q rows per program, grid (B, Hkv, QB // block_q); default min(QB, 64)), num_warps, num_stages
@@ -60,6 +73,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.common import is_power_of_two, resolve_impl
 from pallas_kernels.head_sparse_attention.kernel import (
@@ -79,7 +93,9 @@ def query_rows(num_tokens: int, group: int) -> int:
 
 
 def pack_queries(q: jax.Array, num_kv_heads: int, rows: int | None = None) -> jax.Array:
-  """q [B, Lq, Hq, D] -> [B, Hkv, QB, D], row g*Lq + t = query head h*G + g, zero padded.
+  """q [B, Lq, Hq, D] -> [B, Hkv, QB, D], row t*G + g = query head h*G + g at token t, zero
+  padded. Token-major, so the first n*G rows hold the first n tokens (``q_rows`` = n*G lets the
+  kernel skip the q tiles of padding tokens).
 
   QB = `rows` if given (must be >= G*Lq), else query_rows(Lq, G).
   """
@@ -95,7 +111,7 @@ def pack_queries(q: jax.Array, num_kv_heads: int, rows: int | None = None) -> ja
   if rows < used:
     raise ValueError(f"pack_queries: rows={rows} < G*Lq = {group}*{num_tokens} = {used}")
   q = q.reshape(batch, num_tokens, num_kv_heads, group, head_dim)
-  q = q.transpose(0, 2, 3, 1, 4).reshape(batch, num_kv_heads, used, head_dim)
+  q = q.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv_heads, used, head_dim)
   return jnp.pad(q, ((0, 0), (0, 0), (0, rows - used), (0, 0)))
 
 
@@ -108,8 +124,8 @@ def unpack_outputs(o: jax.Array, num_tokens: int, num_heads: int) -> jax.Array:
     raise ValueError(f"unpack_outputs: o {o.shape} cannot hold Lq={num_tokens} tokens of "
                      f"Hq={num_heads} heads")
   group = num_heads // num_kv_heads
-  o = o[:, :, :group * num_tokens].reshape(batch, num_kv_heads, group, num_tokens, head_dim)
-  return o.transpose(0, 3, 1, 2, 4).reshape(batch, num_tokens, num_heads, head_dim)
+  o = o[:, :, :group * num_tokens].reshape(batch, num_kv_heads, num_tokens, group, head_dim)
+  return o.transpose(0, 2, 1, 3, 4).reshape(batch, num_tokens, num_heads, head_dim)
 
 
 def _check_rank(name: str, x, rank: int, layout: str) -> None:
@@ -123,12 +139,22 @@ def _check_dim(name: str, x, axis: int, expected: int, what: str, ref: str) -> N
         f"{name} {x.shape}: {what} = {x.shape[axis]} does not match {ref} ({expected})")
 
 
-def _validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len) -> None:
+def _validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len, layer=None,
+              q_rows=None) -> None:
   """Shape/dtype checks shared by every impl; raises ValueError naming the argument."""
   _check_rank("q", q, 4, "[B, Hkv, QB, D]")
-  if k_pages.ndim not in (3, 4):
+  if layer is not None:
+    if k_pages.ndim != 4:
+      raise ValueError(f"k_pages must be [L, P, S, D] (stacked pool) when layer is given, got "
+                       f"shape {k_pages.shape}")
+    if jnp.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+      raise ValueError(f"layer must be an integer scalar, got {layer!r}")
+  elif k_pages.ndim not in (3, 4):
     raise ValueError(f"k_pages must be [P, S, D] (shared page space, rank 3) or [Hkv, P, S, D] "
                      f"(head-major, rank 4), got shape {k_pages.shape}")
+  if q_rows is not None and (q_rows.shape != (q.shape[0],) or q_rows.dtype != jnp.int32):
+    raise ValueError(f"q_rows must be int32 [B] = [{q.shape[0]}], got {q_rows.dtype} "
+                     f"{q_rows.shape}")
   _check_rank("page_table", page_table, 3, "[B, Hkv, MP]")
   _check_rank("kv_len", kv_len, 2, "[B, Hkv]")
   _check_rank("k_new", k_new, 4, "[B, Hkv, Ln, D]")
@@ -144,7 +170,7 @@ def _validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len) ->
                         ("k_new", k_new, 0), ("new_len", new_len, 0)):
     _check_dim(name, x, axis, batch, "batch", ref)
   head_checks = (("page_table", page_table, 1), ("kv_len", kv_len, 1), ("k_new", k_new, 1))
-  if k_pages.ndim == 4:                                 # head-major; a shared pool has no head axis
+  if k_pages.ndim == 4 and layer is None:   # head-major; shared and stacked pools have no head axis
     head_checks = (("k_pages", k_pages, 0),) + head_checks
   for name, x, axis in head_checks:
     _check_dim(name, x, axis, num_kv_heads, "KV heads", ref)
@@ -197,6 +223,8 @@ def head_sparse_attention(
     k_new: jax.Array,
     v_new: jax.Array,
     new_len: jax.Array,
+    layer: jax.Array | None = None,
+    q_rows: jax.Array | None = None,
     *,
     scale: float | None = None,
     impl: str = "auto",
@@ -207,17 +235,40 @@ def head_sparse_attention(
 ) -> jax.Array:
   """Reuse-phase attention over sparse paged + fresh K/V; see the module docstring.
 
-  q [B, Hkv, QB, D]; k_pages, v_pages [P, S, D] (shared page space) or [Hkv, P, S, D]
-  (head-major); page_table [B, Hkv, MP] int32; kv_len [B, Hkv] int32; k_new, v_new
-  [B, Hkv, Ln, D]; new_len [B] int32 -> [B, Hkv, QB, D].
+  q [B, Hkv, QB, D]; k_pages, v_pages [P, S, D] (shared page space), [Hkv, P, S, D]
+  (head-major) or [L, P, S, D] with ``layer`` (stacked); page_table [B, Hkv, MP] int32;
+  kv_len [B, Hkv] int32; k_new, v_new [B, Hkv, Ln, D]; new_len [B] int32; q_rows [B] int32
+  (optional) -> [B, Hkv, QB, D].
   """
-  _validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len)
+  _validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len, layer, q_rows)
   impl = resolve_impl(impl)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
   args = (q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len)
+  if layer is not None:
+    layer = jnp.asarray(layer, jnp.int32)
   if impl == "reference":
-    return head_sparse_attention_reference(*args, scale=scale)
+    return head_sparse_attention_reference(*args, layer=layer, scale=scale)
+  if impl == "callback":
+    return _callback(*args, layer=layer, q_rows=q_rows, scale=scale)
   block_k, block_q = _kernel_tiles(q, k_pages, block_k, block_q)
   return head_sparse_attention_kernel(
-      *args, scale=scale, block_k=block_k, block_q=block_q, num_warps=num_warps,
-      num_stages=num_stages, interpret=impl == "interpret")
+      *args, scale=scale, block_k=block_k, block_q=block_q, layer=layer, q_rows=q_rows,
+      num_warps=num_warps, num_stages=num_stages, interpret=impl == "interpret")
+
+
+def _callback(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len, *, layer, q_rows,
+              scale):
+  """The kernel's operand list through an opaque host call (test-only; see the module doc)."""
+  operands = [q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len]
+  if layer is not None:
+    operands.append(layer.reshape(1))
+  if q_rows is not None:
+    operands.append(q_rows)
+
+  def host(*xs):
+    q_, kp, vp, pt, kl, kn, vn, nl = xs[:8]
+    lyr = xs[8][0] if layer is not None else None
+    out = head_sparse_attention_reference(q_, kp, vp, pt, kl, kn, vn, nl, layer=lyr, scale=scale)
+    return np.asarray(out)
+
+  return jax.pure_callback(host, jax.ShapeDtypeStruct(q.shape, q.dtype), *operands)

@@ -14,15 +14,19 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def gather_cached(pages: jax.Array, page_table: jax.Array) -> jax.Array:
+def gather_cached(pages: jax.Array, page_table: jax.Array, layer=None) -> jax.Array:
   """Per-(request, head) cached rows, in token order.
 
-  pages [Hkv, P, S, D] (head-major: (b, h)'s ids index head h's pages) or [P, S, D] (shared page
-  space: ids index it directly), page_table [B, Hkv, MP] int32 -> [B, Hkv, MP*S, D].
+  pages [Hkv, P, S, D] (head-major: (b, h)'s ids index head h's pages), [P, S, D] (shared page
+  space: ids index it directly) or [L, P, S, D] with ``layer`` (stacked: gathered at that layer
+  directly, without slicing the plane out first), page_table [B, Hkv, MP] int32
+  -> [B, Hkv, MP*S, D].
   """
   batch, num_kv_heads, max_pages = page_table.shape
   page_size, head_dim = pages.shape[-2:]
-  if pages.ndim == 3:
+  if layer is not None:
+    rows = pages[layer, page_table]                           # [B, Hkv, MP, S, D]
+  elif pages.ndim == 3:
     rows = pages[page_table]                                  # [B, Hkv, MP, S, D]
   else:
     heads = jnp.arange(num_kv_heads)[None, :, None]          # [1, Hkv, 1] broadcasts with the table
@@ -49,6 +53,7 @@ def head_sparse_attention_reference(
     v_new: jax.Array,
     new_len: jax.Array,
     *,
+    layer=None,
     scale: float | None = None,
 ) -> jax.Array:
   """Reference head-sparse attention; shapes as in ops.head_sparse_attention -> [B, Hkv, QB, D].
@@ -59,8 +64,8 @@ def head_sparse_attention_reference(
   scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
   f32 = jnp.float32
 
-  k = jnp.concatenate([gather_cached(k_pages, page_table), k_new], axis=2).astype(f32)
-  v = jnp.concatenate([gather_cached(v_pages, page_table), v_new], axis=2).astype(f32)
+  k = jnp.concatenate([gather_cached(k_pages, page_table, layer), k_new], axis=2).astype(f32)
+  v = jnp.concatenate([gather_cached(v_pages, page_table, layer), v_new], axis=2).astype(f32)
   num_cached = k.shape[2] - k_new.shape[2]
   valid = key_validity(kv_len, new_len, num_cached, k_new.shape[2])           # [B, Hkv, T]
 
