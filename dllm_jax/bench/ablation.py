@@ -57,11 +57,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dllm_jax import presets
 from dllm_jax.bench import workloads as W
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MODEL_CONFIG = os.path.join(REPO_ROOT, "configs", "bench-small.json")
-ENGINE_CONFIG = os.path.join(REPO_ROOT, "configs", "engine-bench-small.json")
+MODEL_CONFIG = "bench-small"          # presets (dllm_jax/configs/); a path works too
+ENGINE_CONFIG = "engine-bench-small"
 RESULT_VERSION = 1
 MODEL_SEED = 0
 MiB = 2 ** 20
@@ -146,17 +146,11 @@ def make_items(name: str, n: int, mcfg, *, seed: int = 0, block_length: int | No
 
 
 def load_model_config(path: str = MODEL_CONFIG):
-  from dllm_jax.config import ModelConfig
-  with open(path) as fh:
-    d = json.load(fh)
-  return ModelConfig.from_dict({k: v for k, v in d.items() if not k.startswith("_")},
-                               name=os.path.splitext(os.path.basename(path))[0])
+  return presets.model_config(path)
 
 
 def load_engine_dict(path: str = ENGINE_CONFIG) -> dict:
-  with open(path) as fh:
-    d = json.load(fh)
-  return {k: v for k, v in d.items() if not k.startswith("_")}
+  return presets.load_dict(path)
 
 
 def build_model(mcfg):
@@ -658,8 +652,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, default=0, help="workload seed")
   p.add_argument("--time-scale", type=float, default=1.0,
                  help="multiplies every arrival time (e.g. 2 on a machine half as fast)")
-  p.add_argument("--model-config", default=MODEL_CONFIG)
-  p.add_argument("--engine-config", default=ENGINE_CONFIG)
+  p.add_argument("--model-config", default=MODEL_CONFIG,
+                 help=f"model preset or config.json (default {MODEL_CONFIG}, random weights)")
+  p.add_argument("--engine-config", default=ENGINE_CONFIG,
+                 help=f"engine preset or JSON of EngineConfig fields (default {ENGINE_CONFIG})")
   p.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(),
                                                          "dllm-jax-compile-cache"),
                  help="JAX persistent compilation cache directory, so rungs that share "
@@ -716,8 +712,8 @@ def run(args) -> int:
       version=RESULT_VERSION,
       command=" ".join(["dllm-jax"] + sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None,
       machine=machine_info(), model_config=dataclasses.asdict(mcfg), model_seed=MODEL_SEED,
-      engine_config_file=os.path.relpath(args.engine_config, REPO_ROOT)
-      if args.engine_config.startswith(REPO_ROOT) else args.engine_config,
+      engine_config_file=f"configs/{args.engine_config}.json"
+      if presets.is_preset(args.engine_config) else args.engine_config,
       engine_config_base=engine, quick=args.quick, overrides=overrides,
       budgets=dict(memory_budget_bytes=m_budget, activation_budget_bytes=a_budget),
       repeats=repeats,

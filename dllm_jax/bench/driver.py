@@ -27,6 +27,7 @@ import time
 from collections import deque
 from typing import Any, Mapping, Sequence
 
+from dllm_jax import presets
 from dllm_jax.bench import metrics as M
 from dllm_jax.bench import workloads as W
 from dllm_jax.engine_flags import add_engine_args, engine_config_from_args  # noqa: F401 (API)
@@ -301,8 +302,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   """Flags of ``dllm-jax bench serve``."""
   p.add_argument("--workload", choices=W.WORKLOADS, default="livebench-like")
   p.add_argument("--model", default=None,
-                 help="model directory (default: the bundled demo), or 'bench-small' (the "
-                      "ablation model, configs/bench-small.json, random weights; repo checkout)")
+                 help="model directory (default: the bundled demo), or a model preset such as "
+                      "'bench-small' (the ablation model): its architecture with random weights")
   p.add_argument("--requests", type=int, default=32, help="number of requests (default 32)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="write the result JSON here")
@@ -403,9 +404,9 @@ def run(args) -> int:
   else:
     from dllm_jax.engine.engine import LLM
     model = args.model
-    if model == "bench-small":
+    if model is not None and presets.is_preset(model):
       from dllm_jax.bench import ablation
-      model = ablation.build_model(ablation.load_model_config())
+      model = ablation.build_model(presets.model_config(model))
     llm = LLM(model, engine_config=engine_config_from_args(args))
     source = (W.TextSource(tokenizer=llm.tokenizer) if llm.tokenizer is not None
               else W.TokenSource.for_model(llm.cfg))
