@@ -95,6 +95,24 @@ class Tokenizer:
             f"pad={self.pad_token_id})")
 
 
+def _fast_tokenizer_class():
+  """``transformers.PreTrainedTokenizerFast``, imported lazily (a slow import) and without the
+  "PyTorch was not found" advisory transformers logs at its first import: the engine runs on JAX
+  and never needs torch. The advisory switch is set only around the import, so the user's other
+  transformers advisories and every other library's logging are left as they were."""
+  key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+  saved = os.environ.get(key)
+  os.environ[key] = "1"
+  try:
+    from transformers import PreTrainedTokenizerFast
+  finally:
+    if saved is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = saved
+  return PreTrainedTokenizerFast
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   """Load ``tokenizer.json`` (+ ``tokenizer_config.json``) from a model directory.
 
@@ -116,9 +134,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
       raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
       raise ValueError(f"{cfg_path}: expected a JSON object")
-  from transformers import PreTrainedTokenizerFast  # slow import; only when a tokenizer is needed
   try:
-    hf = PreTrainedTokenizerFast.from_pretrained(path)
+    hf = _fast_tokenizer_class().from_pretrained(path)
   except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad JSON
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f"{path}: could not load tokenizer ({msg})") from None
