@@ -3,7 +3,8 @@
 ``tiny_model_dir(path)`` writes a random-weight LLaDA-layout checkpoint (config.json +
 model.safetensors) and a tiny byte-level BPE tokenizer (tokenizer.json + tokenizer_config.json,
 the demo tokenizer's recipe with ~300 ids) that ``dllm_jax.tokenizer.load_tokenizer`` loads.
-``LiveServer`` runs ``create_app`` under uvicorn in a background thread on a free loopback port.
+``LiveServer`` runs an app on the server's own transport in a background thread on a free
+loopback port.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import os
 import shutil
 import socket
 import tempfile
-import threading
-import time
 
 TINY_VOCAB = 300
 # Plain text for the tokenizer's merges (what it learns does not matter, only that it is fixed).
@@ -106,28 +105,20 @@ def free_port() -> int:
 
 
 class LiveServer:
-  """uvicorn serving ``app`` on 127.0.0.1:<free port> in a daemon thread."""
+  """``app`` served by ``dllm_jax.server.transport`` (the guarded h11 protocol the CLI uses) on
+  127.0.0.1:<ephemeral port> in a daemon thread. ``limits``: transport keywords
+  (header_timeout_s, body_timeout_s, max_connections, shutdown_timeout_s)."""
 
-  def __init__(self, app, *, startup_timeout: float = 120.0):
-    import uvicorn
-    self.port = free_port()
-    self.url = f"http://127.0.0.1:{self.port}"
-    config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                            lifespan="on", timeout_graceful_shutdown=10)
-    self.server = uvicorn.Server(config)
-    self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
-    self.thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not self.server.started:
-      if not self.thread.is_alive():
-        raise RuntimeError("uvicorn exited during startup")
-      if time.monotonic() > deadline:
-        raise RuntimeError("uvicorn did not start in time")
-      time.sleep(0.05)
+  def __init__(self, app, *, startup_timeout: float = 120.0, **limits):
+    from dllm_jax.server.transport import ServerThread
+    self.app = app
+    self._thread = ServerThread(app, startup_timeout_s=startup_timeout, **limits)
+    self.server = self._thread.server
+    self.port = self._thread.port
+    self.url = self._thread.url
 
   def stop(self, timeout: float = 30.0) -> None:
-    self.server.should_exit = True
-    self.thread.join(timeout)
+    self._thread.stop(timeout)
 
   def __enter__(self):
     return self

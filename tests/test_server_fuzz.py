@@ -1,8 +1,9 @@
 """Fuzzing the live server with malformed requests (hypothesis): bad JSON, non-object bodies,
-wrong types, unknown fields, out-of-range values, unsupported OpenAI parameters, huge prompts,
-wrong methods and paths. Every answer must be a 4xx with an OpenAI-style error body, never a
-5xx, and the server must be healthy afterwards. More than 1000 requests in all, bounded in time
-(derandomized, no example database, no deadline)."""
+wrong types, unknown fields, out-of-range values, unsupported OpenAI parameters, bad chat content
+shapes, huge prompts, wrong methods and paths. Every answer must be a 4xx with an OpenAI-style
+error body, never a 5xx, and the server must be healthy afterwards: the last test tops the
+module's malformed requests up to at least 1000 itself (so it does not depend on how many the
+others sent) before it checks. Derandomized, no example database, no deadline."""
 
 import json
 
@@ -13,12 +14,14 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 hypothesis = pytest.importorskip("hypothesis")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from server_fixtures import LiveServer, make_llm  # noqa: E402
 
-SENT = {"n": 0}
+SENT = {"n": 0}  # malformed requests answered in this module (all must be 4xx)
+MIN_MALFORMED = 1000
+JSON = {"Content-Type": "application/json"}
 FUZZ = dict(deadline=None, derandomize=True, database=None, print_blob=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                    HealthCheck.filter_too_much])
@@ -46,6 +49,29 @@ FIELDS = {
                                "gen_length": "int", "return_trace": "bool"},
 }
 
+# Chat content shapes the server must refuse (400 naming messages[0].content): OpenAI's shapes
+# are a string or a non-empty list of {"type": "text", "text": str} parts with some text.
+BAD_CONTENT = [
+    [], [{"type": "text", "text": ""}], [{"type": "text", "text": ""}] * 2,
+    [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
+    [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "u"}}],
+    [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+    [{"type": "text"}], [{"text": "a"}], [{"type": "text", "text": 5}],
+    [{"type": "text", "text": None}], [{"type": "text", "text": "a", "cache": 1}],
+    [{"type": "TEXT", "text": "a"}], ["a"], [["a"]], [None], {"type": "text", "text": "a"},
+    5, 1.5, True, None,
+]
+
+
+def valid_content(c) -> bool:
+  if isinstance(c, str):
+    return True
+  return (isinstance(c, list) and bool(c)
+          and all(isinstance(p, dict) and set(p) == {"type", "text"} and p["type"] == "text"
+                  and isinstance(p["text"], str) for p in c)
+          and any(p["text"] for p in c))
+
+
 # Out-of-range values that are certainly rejected (the tiny model has 256 positions, 300 ids).
 BAD_VALUES = {
     "max_tokens": [0, -1, 257, 10**6, 10**30], "gen_length": [0, -5, 257, 10**9, 2**70],
@@ -65,7 +91,8 @@ BAD_VALUES = {
     "prompt": ["", [], [-1], [300], [2], [1, 2, 3], [[1], [4]], ["a", "b"], [10**9]],
     "messages": [[], [{"role": "robot", "content": "x"}], [{"content": "x"}],
                  [{"role": "user"}], [{"role": "user", "content": [{"type": "image"}]}],
-                 [{"role": "user", "content": "x", "extra": 1}]],
+                 [{"role": "user", "content": "x", "extra": 1}]]
+    + [[{"role": "user", "content": c}] for c in BAD_CONTENT],
 }
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
@@ -146,9 +173,10 @@ def malformed_request(draw):
     if "messages" in body:
       body["messages"] = [draw(st.fixed_dictionaries(
           {"role": st.sampled_from(["user", "assistant", "tool", "x"])},
-          optional={"content": json_value, "foo": json_value}).filter(
+          optional={"content": st.one_of(json_value, st.sampled_from(BAD_CONTENT)),
+                    "foo": json_value}).filter(
               lambda m: not (m["role"] in ("user", "assistant") and "foo" not in m
-                             and isinstance(m.get("content"), str))))]
+                             and "content" in m and valid_content(m["content"]))))]
     else:
       body["sparse"] = draw(st.dictionaries(st.text(max_size=10), json_value, min_size=1,
                                             max_size=3).filter(
@@ -181,12 +209,53 @@ def _check(r, path=""):
     assert isinstance(err["message"], str) and err["message"]
 
 
+def _chat_body(content, path="/v1/chat/completions") -> tuple[str, bytes]:
+  body = {"messages": [{"role": "user", "content": content}]}
+  body.update({"max_tokens": 32} if path != "/v1/diffusion/generate" else {"gen_length": 32})
+  return path, json.dumps(body).encode()
+
+
+def _with_content_examples(test):
+  """An explicit @example per refused content shape, on both endpoints that take messages."""
+  for c in reversed(BAD_CONTENT):
+    for path in ("/v1/diffusion/generate", "/v1/chat/completions"):
+      test = example(req=_chat_body(c, path))(test)
+  return test
+
+
 @settings(max_examples=900, **FUZZ)
+@_with_content_examples
 @given(req=malformed_request())
 def test_malformed_bodies(http, req):
   path, body = req
-  r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+  r = http.post(path, content=body, headers=JSON)
   _check(r, path)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/diffusion/generate"])
+def test_bad_content_shapes_name_the_field(http, path):
+  for c in BAD_CONTENT:
+    r = http.post(path, content=_chat_body(c, path)[1], headers=JSON)
+    _check(r, path)
+    assert r.status_code == 400, (c, r.text)
+    assert r.json()["error"]["param"] == "messages[0].content", (c, r.text)
+
+
+def test_content_parts_join_with_a_newline(http):
+  """A list of text parts is the string of their texts joined by "\n" (same answer)."""
+  gen = {"max_tokens": 32, "temperature": 0.7, "seed": 5}
+  parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": ""},
+           {"type": "text", "text": "a list?"}]
+  a = http.post("/v1/chat/completions", json={
+      "messages": [{"role": "user", "content": parts}], **gen})
+  b = http.post("/v1/chat/completions", json={
+      "messages": [{"role": "user", "content": "What is\n\na list?"}], **gen})
+  c = http.post("/v1/chat/completions", json={
+      "messages": [{"role": "user", "content": "What isa list?"}], **gen})
+  assert a.status_code == b.status_code == c.status_code == 200, (a.text, b.text)
+  assert a.json()["usage"] == b.json()["usage"]
+  assert a.json()["choices"] == b.json()["choices"]
+  assert a.json()["usage"]["prompt_tokens"] != c.json()["usage"]["prompt_tokens"]
 
 
 @settings(max_examples=150, **FUZZ)
@@ -198,7 +267,7 @@ def test_random_bytes(http, path, body):
     parsed = None
   if isinstance(parsed, dict) and parsed:
     hypothesis.assume(False)  # a non-empty JSON object may be a valid request
-  _check(http.post(path, content=body), path)
+  _check(http.post(path, content=body, headers=JSON), path)
 
 
 @settings(max_examples=60, **FUZZ)
@@ -212,7 +281,7 @@ def test_huge_prompts(http, path, n, text, as_ids):
     body["messages"][0]["content"] = (text * n)[:n]
   else:
     body["prompt"] = (text * n)[:n]
-  r = http.post(path, content=json.dumps(body).encode("utf-8", "surrogatepass"))
+  r = http.post(path, content=json.dumps(body).encode("utf-8", "surrogatepass"), headers=JSON)
   _check(r, path)
   if r.status_code == 400:
     assert r.json()["error"]["code"] in ("context_length_exceeded", None)
@@ -229,13 +298,34 @@ def test_wrong_methods_and_paths(http, method, path):
 def test_body_too_large_and_empty(http):
   big = json.dumps({"prompt": "a" * ((1 << 20) + 10)}).encode()
   for path in ENDPOINTS:
-    _check(http.post(path, content=big), path)
-    _check(http.post(path, content=b""), path)
-    _check(http.post(path, content=b"{}"), path)
+    for body in (big, b"", b"{}"):
+      r = http.post(path, content=body, headers=JSON)
+      _check(r, path)
+      assert r.status_code == (413 if body is big else 400), r.text
+
+
+def known_bad_requests():
+  """Deterministic malformed requests (every listed out-of-range value on every endpoint that
+  takes the field), cycled for as long as needed."""
+  while True:
+    for path, fields in sorted(FIELDS.items()):
+      for field in sorted(f for f in BAD_VALUES if f in fields):
+        for value in BAD_VALUES[field]:
+          body = json.loads(json.dumps(ENDPOINTS[path]))
+          body[field] = value
+          if path == "/v1/diffusion/generate" and field == "messages":
+            body.pop("prompt")
+          yield path, json.dumps(body).encode()
 
 
 def test_server_healthy_afterwards(http, server):
-  assert SENT["n"] >= 1000, SENT
+  """Healthy after at least MIN_MALFORMED malformed requests in this module, however many the
+  tests above sent (run alone, this test sends them all)."""
+  bad = known_bad_requests()
+  while SENT["n"] < MIN_MALFORMED:
+    path, body = next(bad)
+    _check(http.post(path, content=body, headers=JSON), path)
+  assert SENT["n"] >= MIN_MALFORMED
   h = http.get("/health")
   assert h.status_code == 200 and h.json()["status"] == "ok"
   r = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 32, "seed": 1})

@@ -162,7 +162,7 @@ def test_engine_failure_fails_only_that_request(server, references):
     gate.wait(30)
     return orig_step()
 
-  worker = server.server.config.app.state.dllm.worker
+  worker = server.app.state.dllm.worker
   retried0 = worker.requests_retried
   sched.schedule = poisoned
   llm.step = gated  # hold the engine until both requests are queued: one batch, one failure
@@ -209,10 +209,7 @@ def test_graceful_shutdown(server, references):
     restore()
   for i, r in enumerate(rs):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == references[i]
-  worker = server.server.config.app.state.dllm.worker if hasattr(
-      server.server.config.app, "state") else None
-  if worker is not None:
-    assert not worker.alive
+  assert not server.app.state.dllm.worker.alive
   assert _wait_idle(llm, 5.0)
   with pytest.raises(httpx.ConnectError):
     httpx.get(server.url + "/health", timeout=2)

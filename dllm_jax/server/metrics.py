@@ -33,7 +33,8 @@ class _EngineCollector:
     core = w.core
     st = core.stats
     g = GaugeMetricFamily
-    yield g("dllm_queue_depth", "Requests waiting for a running slot", value=core.num_waiting())
+    yield g("dllm_queue_depth", "Requests waiting for a running slot (what max_queue bounds)",
+            value=w.waiting())
     yield g("dllm_running_requests", "Requests being decoded", value=core.num_running())
     yield g("dllm_in_flight_requests", "Requests accepted and not yet answered",
             value=w.in_flight())
@@ -80,6 +81,9 @@ class ServerMetrics:
                         ["path", "status"], registry=r)
     self.rejections = Counter("dllm_requests_rejected", "Generation requests refused",
                               ["reason"], registry=r)
+    self.disconnects = Counter("dllm_client_disconnects",
+                               "Clients that went away before their answer was complete",
+                               ["stage"], registry=r)
     self.latency = Histogram("dllm_request_latency_seconds",
                              "End-to-end latency of generation requests", ["endpoint"],
                              buckets=LATENCY_BUCKETS, registry=r)
@@ -113,6 +117,10 @@ class ServerMetrics:
 
   def rejected(self, reason: str) -> None:
     self.rejections.labels(reason).inc()
+
+  def client_gone(self, stage: str) -> None:
+    """A client abort: ``stage`` "body" (while its request body was read) or "generation"."""
+    self.disconnects.labels(stage).inc()
 
   def render(self) -> tuple[bytes, str]:
     return generate_latest(self.registry), CONTENT_TYPE_LATEST

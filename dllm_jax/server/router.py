@@ -56,6 +56,9 @@ class ReplicaRouter:
   def in_flight(self) -> int:
     return sum(w.in_flight() for w in self.workers)
 
+  def waiting(self) -> int:
+    return sum(w.waiting() for w in self.workers)
+
   def tokens_per_second(self, window: float = 10.0) -> float:
     return sum(w.tokens_per_second(window) for w in self.workers)
 

@@ -2,13 +2,19 @@
 
 The engine is not thread-safe except ``add_request`` / ``abort`` (a locked intake), so every
 ``step()`` runs in :class:`EngineWorker`'s thread. HTTP handlers talk to it through a
-:class:`Handle` per request: the engine thread posts events onto the handle's asyncio queue with
-``loop.call_soon_threadsafe`` and the handler consumes them:
+:class:`Handle` per request: the engine thread posts events onto the handle with
+``loop.call_soon_threadsafe`` and the handler consumes them in order:
 
-    ("prefix", ids)            the committed left-contiguous prefix grew (stream callback)
+    ("prefix", ids)            the committed left-contiguous prefix grew (stream callback;
+                               consecutive ones coalesce: each supersedes the previous one)
     ("step", k, row, t)        generated positions after step k (only with return_trace)
     ("done", output, t)        the request finished (GenerationOutput)
     ("error", status, msg, code)  the request failed or was cancelled by the server
+
+Admission: ``max_queue`` bounds the requests that wait for a running slot, counted as the
+requests in flight that are not running beyond the engine's free running slots (a burst that
+fits the free slots is never refused). A request the engine's own intake cannot take yet
+(``QueueFull``) is parked here, in order, and fed to the engine by its thread between steps.
 
 Failure isolation: an exception inside ``llm.step()`` does not stop the loop. The requests that
 were running in the failed step are aborted (their KV pages return to the pool) and retried from
@@ -17,6 +23,8 @@ deterministic and batch-invariant, so a retry gives the same tokens and a stream
 A request that is in a second failed step gets its own error (HTTP 500) and the others go on.
 
 Nothing is kept after a request is delivered: handles exist only while a request is in flight.
+The few places that still reach into engine internals are the ``# ENGINE-API:`` functions at the
+end of this module.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from dllm_jax.engine.core import QueueFull
 
 log = logging.getLogger("dllm_jax.server")
 
-__all__ = ["EngineWorker", "Handle", "QueueFull", "ShuttingDown"]
+__all__ = ["EngineWorker", "Handle", "QueueFull", "ShuttingDown", "describe"]
 
 
 class ShuttingDown(RuntimeError):
@@ -48,7 +56,8 @@ class Handle:
     self.rid = rid
     self.orig_rid = rid
     self.loop = loop
-    self.queue: asyncio.Queue = asyncio.Queue()
+    self._events: collections.deque[tuple] = collections.deque()  # touched in the loop only
+    self._ready = asyncio.Event()
     self.prompt_ids = prompt_ids
     self.sp = sp
     self.sparse = sparse
@@ -65,14 +74,34 @@ class Handle:
     self.first_token_t: float | None = None
 
   def post(self, event: tuple) -> None:
+    """Any thread: queue ``event`` for the handler."""
     try:
-      self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+      self.loop.call_soon_threadsafe(self._put, event)
     except RuntimeError:  # the event loop is closed: nobody is listening any more
       pass
 
+  def _put(self, event: tuple) -> None:
+    ev = self._events
+    if event[0] == "prefix" and ev and ev[-1][0] == "prefix":
+      ev[-1] = event  # a longer committed prefix supersedes the unread one
+    else:
+      ev.append(event)
+    self._ready.set()
+
+  async def next_event(self, timeout: float) -> tuple | None:
+    """The next event, or None after ``timeout`` seconds without one."""
+    if not self._events:
+      self._ready.clear()
+      try:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+      except asyncio.TimeoutError:
+        return None
+    return self._events.popleft()
+
 
 class EngineWorker:
-  """Owns the engine thread. ``max_queue``: requests accepted but not yet running."""
+  """Owns the engine thread. ``max_queue``: requests accepted that may wait for a running
+  slot."""
 
   def __init__(self, llm, *, max_queue: int, retry_wait_s: float = 2.0, on_finish=None):
     self.llm = llm
@@ -80,12 +109,13 @@ class EngineWorker:
     self.max_queue = int(max_queue)
     self.retry_wait_s = retry_wait_s
     self.on_finish = on_finish  # callback(handle, output) in the engine thread (metrics)
-    self._handles: dict[str, Handle] = {}
+    self._handles: dict[str, Handle] = {}    # requests the engine knows
+    self._pending: collections.deque[Handle] = collections.deque()  # accepted, not yet added
+    self._retry: collections.deque[Handle] = collections.deque()
     self._hlock = threading.Lock()
     self._submit_lock = threading.Lock()
     self._wake = threading.Event()
     self._stop = threading.Event()
-    self._retry: collections.deque[Handle] = collections.deque()
     self._thread: threading.Thread | None = None
     self._ids = itertools.count()
     self.accepting = False
@@ -101,11 +131,7 @@ class EngineWorker:
   def start(self) -> None:
     if self._thread is not None:
       return
-    other = getattr(self.llm, "_server_worker", None)
-    if other is not None and other is not self and other.alive:
-      raise RuntimeError("this LLM is already served by another running app; the engine "
-                         "must be stepped by one thread only")
-    self.llm._server_worker = self
+    _claim_engine(self.llm, self)
     self._stop.clear()
     self._thread = threading.Thread(target=self._run, name="dllm-engine", daemon=True)
     self._thread.start()
@@ -117,7 +143,13 @@ class EngineWorker:
 
   def in_flight(self) -> int:
     with self._hlock:
-      return len(self._handles) + len(self._retry)
+      return len(self._handles) + len(self._retry) + len(self._pending)
+
+  def waiting(self) -> int:
+    """Requests waiting for a running slot: in flight, not running, beyond the free slots."""
+    running = self.core.num_running()
+    free = max(0, self.core.cfg.max_running - running)
+    return max(0, self.in_flight() - running - free)
 
   async def aclose(self, drain_timeout: float = 30.0) -> None:
     """Graceful shutdown: stop accepting, let in-flight requests finish for up to
@@ -127,9 +159,10 @@ class EngineWorker:
     while self.in_flight() and time.monotonic() < deadline and self.alive:
       await asyncio.sleep(0.05)
     with self._hlock:
-      left = list(self._handles.values()) + list(self._retry)
+      left = list(self._handles.values()) + list(self._retry) + list(self._pending)
       self._handles.clear()
       self._retry.clear()
+      self._pending.clear()
     for h in left:
       h.cancelled = True
       h.post(("error", 503, "the server is shutting down; request cancelled", "shutting_down"))
@@ -148,14 +181,25 @@ class EngineWorker:
     return f"{prefix}-{next(self._ids)}"
 
   def submit(self, handle: Handle) -> None:
-    """Queue ``handle``'s request. Raises ValueError (can never run), QueueFull, ShuttingDown."""
+    """Accept ``handle``'s request. Raises ValueError (can never run), QueueFull, ShuttingDown."""
     if not self.accepting or not self.alive:
       raise ShuttingDown("the server is shutting down" if not self.accepting
                          else "the engine thread is not running")
     with self._submit_lock:
-      if self.core.num_waiting() + len(self._retry) >= self.max_queue:
+      if self.waiting() >= self.max_queue:
         raise QueueFull(f"the request queue is full ({self.max_queue} waiting)")
-      self._add(handle)
+      with self._hlock:
+        park = bool(self._pending)  # keep arrival order behind parked requests
+      if not park:
+        try:
+          self._add(handle)
+        except QueueFull:  # the engine's intake is full for now; our queue is not
+          park = True
+      if park:
+        sparse = self.llm.engine_config.sparse if handle.sparse is None else handle.sparse
+        self.core.validate(handle.prompt_ids, handle.sp, sparse)  # ValueError now, not later
+        with self._hlock:
+          self._pending.append(handle)
     self._wake.set()
 
   def _add(self, handle: Handle) -> None:
@@ -182,8 +226,9 @@ class EngineWorker:
     """The client is gone (or no longer needs the rest): free the request's pages."""
     handle.cancelled = True
     with self._hlock:
-      if handle in self._retry:
-        self._retry.remove(handle)
+      for q in (self._retry, self._pending):
+        if handle in q:
+          q.remove(handle)
     self.llm.abort(handle.rid)
     self._wake.set()
 
@@ -205,6 +250,7 @@ class EngineWorker:
     failures = 0
     while not self._stop.is_set():
       try:
+        self._feed_pending()
         self._submit_retries()
         self._wake.clear()
         if not self.llm.has_unfinished():
@@ -223,12 +269,31 @@ class EngineWorker:
         log.exception("engine loop error")
         time.sleep(0.05)
 
+  def _feed_pending(self) -> None:
+    """Hand parked requests to the engine, in order, while its intake takes them."""
+    while True:
+      with self._hlock:
+        if not self._pending:
+          return
+        h = self._pending.popleft()
+      if h.cancelled:
+        continue
+      try:
+        self._add(h)
+      except QueueFull:
+        with self._hlock:
+          self._pending.appendleft(h)
+        return
+      except Exception as e:  # noqa: BLE001 - validated at submit; report, never stall
+        h.post(("error", 400, str(e), None))
+        continue
+      if h.cancelled:  # aborted while being added
+        self.llm.abort(h.rid)
+
   def _deliver(self, outs) -> None:
     now = time.perf_counter()
-    pending = getattr(self.llm, "_outputs", None)
     for out in outs:
-      if isinstance(pending, dict):  # LLM keeps outputs for generate(); the server does not
-        pending.pop(out.request_id, None)
+      _drop_kept_output(self.llm, out.request_id)
       with self._hlock:
         h = self._handles.pop(out.request_id, None)
       if h is None:
@@ -255,12 +320,10 @@ class EngineWorker:
           log.exception("on_finish hook failed")
     with self._hlock:
       traced = [h for h in self._handles.values() if h.trace and not h.cancelled]
-    if traced:
-      live = self.core._requests  # read in the engine thread only
-      for h in traced:
-        req = live.get(h.rid)
-        if req is not None and req.trace:
-          self._post_trace(h, req.trace, now)
+    for h in traced:
+      rows = _live_trace(self.core, h.rid)
+      if rows:
+        self._post_trace(h, rows, now)
     self._samples.append((now, self.core.stats.committed_tokens))
 
   @staticmethod
@@ -277,13 +340,9 @@ class EngineWorker:
     self.step_errors += 1
     self.last_error = f"{type(exc).__name__}: {exc}"
     log.error("engine step failed: %s", self.last_error, exc_info=exc)
-    self._repair_cache()
-    core = self.core
-    with core._lock:
-      known = set(core._requests)
-    running = [r.request_id for r in list(core.scheduler.running)]
-    if not running:  # it failed before admitting anything: the waiting requests are suspects
-      running = [r.request_id for r in list(core.scheduler.waiting)]
+    _repair_kv_pool(self.core)
+    known = _engine_request_ids(self.core)
+    suspects = _failed_step_requests(self.core)
     with self._hlock:
       items = list(self._handles.items())
     for rid, h in items:
@@ -291,7 +350,7 @@ class EngineWorker:
         with self._hlock:
           self._handles.pop(rid, None)
         self._fail(h, "the engine failed while finishing this request")
-    for rid in running:
+    for rid in suspects:
       with self._hlock:
         h = self._handles.get(rid)
       if h is not None:
@@ -300,19 +359,6 @@ class EngineWorker:
       # Abort every running request: the failed step may have left its cache state half
       # written. Requests without a handle (not ours) are aborted too, for the same reason.
       self.llm.abort(rid)
-
-  def _repair_cache(self) -> None:
-    """A step that failed after donating the KV pool leaves it deleted: allocate a new one
-    (the requests that used it are aborted and retried from scratch)."""
-    try:
-      import jax
-
-      from dllm_jax.cache.page_pool import init_cache
-      core = self.core
-      if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(core.cache)):
-        core.cache = init_cache(core.pool_cfg)
-    except Exception:  # noqa: BLE001
-      log.exception("could not repair the KV pool")
 
   def _submit_retries(self) -> None:
     with self._hlock:
@@ -337,13 +383,13 @@ class EngineWorker:
       self._fail(h, f"could not retry the request: {e}")
 
 
-def describe(worker: EngineWorker) -> dict[str, Any]:
-  """A snapshot for /health."""
+def describe(worker) -> dict[str, Any]:
+  """A snapshot for /health (a worker or a ReplicaRouter; pages of the first engine)."""
   core = worker.core
   return {
       "engine_thread": "running" if worker.alive else "stopped",
       "accepting": worker.accepting,
-      "waiting": core.num_waiting(),
+      "waiting": worker.waiting(),
       "running": core.num_running(),
       "in_flight": worker.in_flight(),
       "kv_pages_free": core.pages.num_free,
@@ -351,3 +397,59 @@ def describe(worker: EngineWorker) -> dict[str, Any]:
       "engine_steps": core.stats.steps,
       "step_errors": worker.step_errors,
   }
+
+
+# Engine internals the server still needs. Each is one call site, to be replaced by a public
+# engine method.
+
+def _claim_engine(llm, worker: EngineWorker) -> None:
+  # ENGINE-API: marks the LLM as stepped by this worker (llm._server_worker) so that a second
+  # app cannot step the same engine from another thread.
+  other = getattr(llm, "_server_worker", None)
+  if other is not None and other is not worker and other.alive:
+    raise RuntimeError("this LLM is already served by another running app; the engine "
+                       "must be stepped by one thread only")
+  llm._server_worker = worker
+
+
+def _drop_kept_output(llm, request_id: str) -> None:
+  # ENGINE-API: LLM keeps outputs for generate() in llm._outputs; the server never reads them.
+  pending = getattr(llm, "_outputs", None)
+  if isinstance(pending, dict):
+    pending.pop(request_id, None)
+
+
+def _live_trace(core, request_id: str) -> list | None:
+  # ENGINE-API: the trace rows of a running request (core._requests[rid].trace); read in the
+  # engine thread only, between steps.
+  req = core._requests.get(request_id)
+  return req.trace if req is not None else None
+
+
+def _engine_request_ids(core) -> set[str]:
+  # ENGINE-API: ids of the requests the engine still holds (core._requests under core._lock).
+  with core._lock:
+    return set(core._requests)
+
+
+def _failed_step_requests(core) -> list[str]:
+  # ENGINE-API: the requests a failed step ran (core.scheduler.running), or the waiting ones
+  # when it failed before admitting any (core.scheduler.waiting).
+  running = [r.request_id for r in list(core.scheduler.running)]
+  return running or [r.request_id for r in list(core.scheduler.waiting)]
+
+
+def _repair_kv_pool(core) -> None:
+  # ENGINE-API: a step that failed after donating the KV pool leaves it deleted; allocate a new
+  # one (core.cache = shard_cache(init_cache(core.pool_cfg))) as EngineCore.__init__ does. The
+  # requests that used it are aborted and retried from scratch.
+  try:
+    import jax
+
+    from dllm_jax.cache.page_pool import init_cache
+    if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(core.cache)):
+      cache = init_cache(core.pool_cfg)
+      runner = getattr(core, "runner", None)
+      core.cache = runner.shard_cache(cache) if runner is not None else cache
+  except Exception:  # noqa: BLE001
+    log.exception("could not repair the KV pool")
