@@ -127,3 +127,73 @@ def test_shared_pool_grid_and_pool_operand():
   assert_triton(text)
   assert "grid_x = 2" in text and "grid_y = 4" in text and "grid_z = 4" in text
   assert "129x64x128xbf16" in text                          # whole shared pool passed unsliced
+
+
+# ---- fused LM head: every block configuration tiles.py ships, through ops.fused_lm_head ----
+
+def _lm_head_specs(r, d, v, dtype):
+  sds = jax.ShapeDtypeStruct
+  return (sds((r, d), dtype), sds((d, v), dtype), sds((r,), jnp.float32), sds((r,), jnp.uint32),
+          sds((r,), jnp.int32), sds((r,), jnp.int32))
+
+
+def _dot_shapes(jaxpr) -> list:
+  """Operand shapes of every dot_general in a jaxpr and its sub-jaxprs."""
+  out = []
+  for e in jaxpr.eqns:
+    if e.primitive.name == "dot_general":
+      out.append(tuple(x.aval.shape for x in e.invars))
+    for p in e.params.values():
+      for sub in p if isinstance(p, tuple) else (p,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          out += _dot_shapes(sub)
+  return out
+
+
+LLADA_HEAD, DREAM_HEAD = (4096, 126464), (3584, 152064)
+# (label, device kind, R, (d, V), dtype, op kwargs, (block rows, k, vocab, warps, stages))
+LM_HEAD_CONFIGS = [
+    ("hopper_llada_1024", "NVIDIA H200", 1024, LLADA_HEAD, "bfloat16", {}, (128, 32, 256, 8, 4)),
+    ("hopper_llada_8192_margin_entropy", "NVIDIA H100 80GB HBM3", 8192, LLADA_HEAD, "bfloat16",
+     dict(want_margin=True, want_entropy=True), (128, 32, 256, 8, 4)),
+    ("hopper_ragged_300_exclude_mask", "NVIDIA H200", 300, LLADA_HEAD, "bfloat16",
+     dict(exclude_id=126336), (128, 32, 256, 8, 4)),
+    ("hopper_dream_256", "NVIDIA GH200 480GB", 256, DREAM_HEAD, "bfloat16",
+     dict(exclude_id=151666), (128, 32, 256, 8, 4)),
+    ("hopper_f32_fewer_stages", "NVIDIA H200", 512, LLADA_HEAD, "float32", {},
+     (128, 32, 256, 8, 3)),
+    ("hopper_small_100", "NVIDIA H200", 100, LLADA_HEAD, "bfloat16",
+     dict(want_margin=True, exclude_id=126336), (64, 32, 256, 4, 4)),
+    ("hopper_small_5_rows", "NVIDIA H200", 5, LLADA_HEAD, "bfloat16", {}, (16, 32, 256, 4, 4)),
+    ("default_ampere_1024", "NVIDIA A100-SXM4-80GB", 1024, LLADA_HEAD, "bfloat16",
+     dict(want_entropy=True), (64, 64, 128, 4, 2)),
+    ("default_unknown_f32", "Some Future GPU", 256, DREAM_HEAD, "float32", {},
+     (64, 32, 128, 4, 2)),
+]
+
+
+@pytest.mark.parametrize("label,kind,r,dv,dtype,kw,want", LM_HEAD_CONFIGS,
+                         ids=[c[0] for c in LM_HEAD_CONFIGS])
+def test_fused_lm_head_config_lowers_to_triton(label, kind, r, dv, dtype, kw, want):
+  """The blocks tiles.py picks for this GPU and R reach the kernel (its dot is [C, k] x [k, Tv],
+  grid R/C row blocks) and the Triton call (warps, stages), and the whole op lowers for cuda."""
+  from pallas_kernels.fused_lm_head import ops
+  c, bk, tv, warps, stages = want
+  fn = functools.partial(ops.fused_lm_head, impl="pallas", device_kind=kind, **kw)
+  specs = _lm_head_specs(r, *dv, dtype)
+  assert set(_dot_shapes(jax.make_jaxpr(fn)(*specs).jaxpr)) == {((c, bk), (bk, tv))}, label
+  text = cuda_lowering_text(fn, *specs)
+  assert_triton(text)
+  assert f"grid_x = {-(-r // c)} :" in text, label
+  assert f"num_warps = {warps} :" in text and f"num_stages = {stages} :" in text, label
+
+
+def test_fused_lm_head_every_shipped_config_is_covered():
+  """Each configuration in tiles.SHIPPED is selected by at least one lowering case above."""
+  from pallas_kernels.fused_lm_head import tiles
+  core = lambda c: (c.block_rows, c.block_vocab, c.num_warps, c.source)  # k/stages: smem-fitted
+  picked = {core(tiles.tile_config(r, jnp.dtype(dt).itemsize, kind))
+            for _, kind, r, _, dt, _, _ in LM_HEAD_CONFIGS}
+  for name, cfg in tiles.SHIPPED.items():
+    assert core(cfg) in picked, name

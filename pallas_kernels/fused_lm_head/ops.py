@@ -10,8 +10,9 @@ token, but stays in the softmax.
 
 ``chunk_rows`` / ``vocab_tile`` size the jnp reference (its live tile is [chunk_rows, vocab_tile]
 f32: that is what the budgeter plans). The kernel keeps its tile on chip, so it has its own
-``block_rows`` / ``block_vocab`` / ``block_k`` (powers of two, Triton-sized) and its XLA
-temporaries are only the [vocab_splits, R] partials.
+``block_rows`` / ``block_vocab`` / ``block_k`` / warps / stages (powers of two, Triton-sized;
+per GPU generation and row count from ``tiles.py``) and its XLA temporaries are only the
+[vocab_splits, R] partials.
 """
 
 from __future__ import annotations
@@ -22,16 +23,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import is_power_of_two, resolve_impl
+from pallas_kernels.common import resolve_impl
 from pallas_kernels.fused_lm_head import kernel as _kernel
+from pallas_kernels.fused_lm_head import tiles
 from pallas_kernels.fused_lm_head.reference import finalize, fused_lm_head_reference, reduce_stats
 
-# Kernel defaults: a 64 x 128 f32 logit tile (32 KiB of registers over 4 warps), K chunks of 64.
-BLOCK_ROWS = 64
-BLOCK_VOCAB = 128
-BLOCK_K = 64
-# Aim for about this many programs when choosing vocab_splits automatically (H100: 132 SMs).
-TARGET_PROGRAMS = 264
+# Block sizes come from ``tiles.tile_config`` (per GPU generation and row count); explicit
+# arguments override single fields.
 
 
 class FusedOut(NamedTuple):
@@ -45,31 +43,51 @@ def _pow2_floor(n: int) -> int:
   return 1 << (max(int(n), 1).bit_length() - 1)
 
 
-def kernel_blocks(r: int, d: int, v: int, block_rows: int = BLOCK_ROWS,
-                  block_vocab: int = BLOCK_VOCAB, block_k: int = BLOCK_K,
-                  vocab_splits: int | None = None) -> tuple[int, int, int, int]:
-  """Clamp the kernel's block sizes to the problem: (block_rows, block_vocab, block_k, splits).
+class Blocks(NamedTuple):
+  """The kernel's launch configuration for one problem (all static)."""
+
+  block_rows: int
+  block_vocab: int
+  block_k: int
+  vocab_splits: int
+  num_warps: int
+  num_stages: int
+
+
+def kernel_blocks(r: int, d: int, v: int, block_rows: int | None = None,
+                  block_vocab: int | None = None, block_k: int | None = None,
+                  vocab_splits: int | None = None, *, num_warps: int | None = None,
+                  num_stages: int | None = None, itemsize: int = 2,
+                  device_kind: str | None = None, core_count: int | None = None) -> Blocks:
+  """The kernel's blocks for R x d @ d x V: ``tiles.tile_config`` overridden by explicit args,
+  then clamped to the problem.
 
   block_vocab <= V and block_k <= d (the ragged tails are read at clamped starts); block_rows is
   not shrunk below 16 (tl.dot minimum) except for tiny R. ``vocab_splits=None`` picks enough
-  splits for about TARGET_PROGRAMS programs.
+  splits for about two waves of programs (``tiles.target_programs``). ``device_kind`` None: the
+  default device (its SM count too).
   """
-  for name, x in (("block_rows", block_rows), ("block_vocab", block_vocab),
-                  ("block_k", block_k)):
-    if not is_power_of_two(x):
-      raise ValueError(f"{name}: must be a power of two (Triton), got {x}")
-  c = block_rows
+  if device_kind is None:
+    device_kind, cc, cores = tiles.local_device()
+    core_count = core_count or cores
+  else:
+    cc = None
+  cfg = tiles.tile_config(r, itemsize, device_kind, cc)
+  given = dict(block_rows=block_rows, block_vocab=block_vocab, block_k=block_k,
+               num_warps=num_warps, num_stages=num_stages)
+  cfg = cfg.replace(**{k: x for k, x in given.items() if x is not None})  # validates
+  c = cfg.block_rows
   while c > 16 and c // 2 >= r:  # few rows: smaller blocks, less padding
     c //= 2
-  tv = min(block_vocab, _pow2_floor(v))
-  bk = min(block_k, _pow2_floor(d))
+  tv = min(cfg.block_vocab, _pow2_floor(v))
+  bk = min(cfg.block_k, _pow2_floor(d))
   num_tiles = -(-v // tv)
   row_programs = -(-r // c)
   if vocab_splits is None:
-    vocab_splits = max(1, min(num_tiles, TARGET_PROGRAMS // row_programs))
+    vocab_splits = max(1, min(num_tiles, tiles.target_programs(core_count) // row_programs))
   if vocab_splits < 1:
     raise ValueError(f"vocab_splits: must be >= 1, got {vocab_splits}")
-  return c, tv, bk, min(vocab_splits, num_tiles)
+  return Blocks(c, tv, bk, min(vocab_splits, num_tiles), cfg.num_warps, cfg.num_stages)
 
 
 def _check(hidden, head, temperature, seed, step, position):
@@ -90,19 +108,21 @@ def _check(hidden, head, temperature, seed, step, position):
 
 @functools.partial(jax.jit, static_argnames=(
     "chunk_rows", "vocab_tile", "want_margin", "want_entropy", "exclude_id", "impl",
-    "block_rows", "block_vocab", "block_k", "vocab_splits", "num_warps", "num_stages"))
+    "block_rows", "block_vocab", "block_k", "vocab_splits", "num_warps", "num_stages",
+    "device_kind"))
 def fused_lm_head(hidden, head, temperature, seed, step, position, *, chunk_rows: int = 1024,
                   vocab_tile: int = 8192, want_margin: bool = False, want_entropy: bool = False,
                   exclude_id: int | None = None, impl: str = "auto",
-                  block_rows: int = BLOCK_ROWS, block_vocab: int = BLOCK_VOCAB,
-                  block_k: int = BLOCK_K,
-                  vocab_splits: int | None = None, num_warps: int = 4,
-                  num_stages: int = 2) -> FusedOut:
+                  block_rows: int | None = None, block_vocab: int | None = None,
+                  block_k: int | None = None, vocab_splits: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None,
+                  device_kind: str | None = None) -> FusedOut:
   """See the module docstring. ``impl``: auto | pallas | interpret | reference.
 
   ``hidden`` is cast to ``head.dtype`` (casting the head would copy it). seed may be int32 or
   uint32 (taken as its 32 bits). ``exclude_id`` (e.g. the mask id) is never returned as the
-  token but stays in the softmax.
+  token but stays in the softmax. Kernel blocks / warps / stages left None come from
+  ``tiles.tile_config`` for R rows on ``device_kind`` (None: the default device).
   """
   _check(hidden, head, temperature, seed, step, position)
   if chunk_rows < 1 or vocab_tile < 1:
@@ -120,14 +140,17 @@ def fused_lm_head(hidden, head, temperature, seed, step, position, *, chunk_rows
         exclude_id=exclude_id))
   r, d = hidden.shape
   v = head.shape[1]
-  c, tv, bk, s = kernel_blocks(r, d, v, block_rows, block_vocab, block_k, vocab_splits)
+  blk = kernel_blocks(r, d, v, block_rows, block_vocab, block_k, vocab_splits,
+                      num_warps=num_warps, num_stages=num_stages,
+                      itemsize=jnp.dtype(head.dtype).itemsize, device_kind=device_kind)
+  c = blk.block_rows
   rp = -(-r // c) * c
   pad = lambda x: x if rp == r else jnp.pad(x, [(0, rp - r)] + [(0, 0)] * (x.ndim - 1))
   parts = _kernel.fused_lm_head_partials(
       pad(hidden), head, pad(temperature), pad(seed), pad(step), pad(position), block_rows=c,
-      block_vocab=tv, block_k=bk, vocab_splits=s, want_margin=want_margin,
-      want_entropy=want_entropy, exclude_id=exclude_id, num_warps=num_warps,
-      num_stages=num_stages, interpret=impl == "interpret")
+      block_vocab=blk.block_vocab, block_k=blk.block_k, vocab_splits=blk.vocab_splits,
+      want_margin=want_margin, want_entropy=want_entropy, exclude_id=exclude_id,
+      num_warps=blk.num_warps, num_stages=blk.num_stages, interpret=impl == "interpret")
   st = reduce_stats(parts)
   st = type(st)(*(x[:r] for x in st))
   return FusedOut(*finalize(st, want_margin, want_entropy))
