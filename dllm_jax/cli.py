@@ -1,89 +1,174 @@
-"""``dllm-jax`` command line: generate | info | convert | train-demo | profile | bench.
+"""dllm-jax command line: generate, info, convert, profile, serve, bench, ablate, train-demo.
 
-Bad flags and unreadable paths exit non-zero with one clear line, no traceback.
+Building the parser imports nothing heavy: each command's flags are added, and its module
+imported, only when that command is parsed (``dllm-jax --help`` never imports jax). Bad flags and
+unreadable paths exit 2 with one line (``dllm-jax CMD: error: ...``), no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
+PROG = "dllm-jax"
 
-class CLIError(Exception):
+# name, one-line help, "module:setup" (adds the flags and sets ``func``). Order = --help order.
+COMMANDS = (
+    ("generate", "generate text with diffusion decoding (default: the bundled demo model)",
+     "dllm_jax.cli_commands:setup_generate"),
+    ("info", "architecture and exact parameter count of a preset, config.json or model",
+     "dllm_jax.cli_commands:setup_info"),
+    ("convert", "convert a checkpoint: HF safetensors <-> orbax",
+     "dllm_jax.cli_commands:setup_convert"),
+    ("profile", "offline memory profile and KV pool sizing of a model on a device",
+     "dllm_jax.cli_commands:setup_profile"),
+    ("serve", "OpenAI-compatible HTTP server with a live demo page",
+     "dllm_jax.cli_commands:setup_serve"),
+    ("bench", "benchmarks: serve, e2e, logits, attention, sparse-quality",
+     "dllm_jax.cli_commands:setup_bench"),
+    ("ablate", "the ablation ladder at an equal memory budget, with plots",
+     "dllm_jax.cli_commands:setup_ablate"),
+    ("train-demo", "train the bundled demo model (masked diffusion)",
+     "dllm_jax.cli_commands:setup_train"),
+)
+
+
+class CLIError(ValueError):
   """An error the user can fix; printed as one line."""
 
 
-def _fmt_int(n: int) -> str:
-  return f"{n:,}"
+class Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose usage errors are one line plus a pointer to --help."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+  def parse_args(self, args=None, namespace=None):
+    ns, extras = self.parse_known_args(args, namespace)
+    if extras:  # reported by the (sub-)command they were given to
+      _command_parser(self, ns).error(f"unrecognized arguments: {' '.join(extras)}")
+    return ns
 
 
-def cmd_info(args) -> int:
-  from dllm_jax.config import ModelConfig
-
-  path = args.path
-  if not os.path.exists(path):
-    raise CLIError(f"no such file or directory: {path}")
-  cfg = ModelConfig.from_json(path)
-  rows = [
-      ("family", cfg.family),
-      ("layers", cfg.num_layers),
-      ("hidden size", cfg.hidden_size),
-      ("heads (q / kv)", f"{cfg.num_heads} / {cfg.num_kv_heads}"
-       + (" (MHA)" if cfg.num_heads == cfg.num_kv_heads else f" (GQA {cfg.group_size}:1)")),
-      ("head dim", cfg.head_dim),
-      ("MLP hidden (SwiGLU)", cfg.intermediate_size),
-      ("vocab (LM-head rows)", cfg.vocab_size),
-      ("max positions", cfg.max_position),
-      ("RoPE theta", cfg.rope_theta),
-      ("RMSNorm eps", cfg.rms_norm_eps),
-      ("q/k/v bias", cfg.qkv_bias),
-      ("prediction", "shifted (row i-1 predicts i)" if cfg.shifted_prediction else "direct"),
-      ("mask / eos / eot / pad", f"{cfg.mask_token_id} / {cfg.eos_token_id} / "
-       f"{cfg.eot_token_id} / {cfg.pad_token_id}"),
-      ("parameters", _fmt_int(cfg.num_params())),
-      ("bf16 weights", f"{cfg.num_params() * 2 / 2**30:.2f} GiB"),
-      ("KV bytes / token (bf16)", _fmt_int(cfg.kv_bytes_per_token(2))),
-  ]
-  width = max(len(k) for k, _ in rows)
-  for k, v in rows:
-    print(f"{k:<{width}}  {v}")
-  return 0
+def _command_parser(parser: argparse.ArgumentParser, ns) -> argparse.ArgumentParser:
+  """The innermost sub-command parser ``ns`` was parsed by."""
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      sub = action.choices.get(getattr(ns, action.dest, None))
+      if sub is not None:
+        return _command_parser(sub, ns)
+  return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="dllm-jax", description=__doc__.splitlines()[0])
-  sub = p.add_subparsers(dest="command", required=True)
+class LazyParser(Parser):
+  """A sub-command parser that adds its flags (``setup``, "module:function") on first use."""
 
-  info = sub.add_parser("info", help="architecture and exact parameter count of a config/model")
-  info.add_argument("path", help="a config.json or a model directory")
-  info.set_defaults(func=cmd_info)
+  def __init__(self, *args, setup=None, **kw):
+    super().__init__(*args, **kw)
+    self._setup = setup  # "module:function" or a callable, called with this parser
 
-  for register in _optional_commands():
-    register(sub)
+  def populate(self) -> "LazyParser":
+    setup, self._setup = self._setup, None
+    if isinstance(setup, str):
+      module, func = setup.split(":")
+      setup = getattr(importlib.import_module(module), func)
+    if setup is not None:
+      setup(self)
+    return self
+
+  def parse_known_args(self, args=None, namespace=None):
+    self.populate()
+    return super().parse_known_args(args, namespace)
+
+  def format_help(self):
+    self.populate()
+    return super().format_help()
+
+  def format_usage(self):
+    self.populate()
+    return super().format_usage()
+
+
+def add_lazy_commands(parser: argparse.ArgumentParser, commands, *, dest: str, title: str,
+                      metavar: str):
+  """Sub-commands ``(name, help, setup)`` whose flags load on demand (``setup``: see
+  :class:`LazyParser`)."""
+  sub = parser.add_subparsers(dest=dest, required=True, metavar=metavar, title=title,
+                              parser_class=LazyParser)
+  for name, help_, setup in commands:
+    sub.add_parser(name, help=help_, description=help_[:1].upper() + help_[1:] + ".",
+                   setup=setup)
+  return sub
+
+
+def _version() -> str:
+  from dllm_jax import __version__
+  return f"{PROG} {__version__}"
+
+
+def build_parser() -> Parser:
+  p = Parser(prog=PROG, description=__doc__.splitlines()[0],
+             epilog=f"Run '{PROG} COMMAND --help' for a command's flags. Presets (for --config, "
+                    f"--model-config, info): see '{PROG} info --help'.")
+  p.add_argument("--version", action="version", version=_version())
+  add_lazy_commands(p, COMMANDS, dest="command", title="commands", metavar="COMMAND")
   return p
 
 
-def _optional_commands():
-  """Sub-commands that live in their own modules (imported lazily, so `info` stays fast)."""
-  from dllm_jax import cli_commands
+def all_parsers(parser: argparse.ArgumentParser):
+  """Every (sub-)command parser, populated (for help checks): yields (prog, parser)."""
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      for sub in dict.fromkeys(action.choices.values()):
+        if hasattr(sub, "populate"):
+          sub.populate()
+        yield sub.prog, sub
+        yield from all_parsers(sub)
 
-  return cli_commands.REGISTRY
+
+def _enable_compile_cache(args) -> None:
+  """Commands with ``--no-compile-cache`` use JAX's persistent cache unless it is given."""
+  if getattr(args, "no_compile_cache", True) or getattr(args, "own_compile_cache", False):
+    return
+  from dllm_jax import compile_cache
+  compile_cache.enable_for_process()
+
+
+def _run(args) -> int:
+  if not os.environ.get("DLLM_JAX_COMPILE_STATS"):
+    return int(args.func(args) or 0)
+  from dllm_jax import compile_cache
+  with compile_cache.counting() as stats:
+    rc = int(args.func(args) or 0)
+  jax = sys.modules.get("jax")
+  where = (jax.config.jax_compilation_cache_dir if jax else None) or "off"
+  print(f"{PROG} {args.command}: compile cache ({where}): {stats.summary()}", file=sys.stderr)
+  return rc
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
-    return int(args.func(args) or 0)
+    _enable_compile_cache(args)
+    return _run(args)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
-  except (CLIError, FileNotFoundError, FileExistsError, ValueError, PermissionError,
-          IsADirectoryError, NotADirectoryError) as e:
-    print(f"dllm-jax {args.command}: error: {e}", file=sys.stderr)
+  except (CLIError, OSError, ValueError) as e:
+    print(f"{PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
     return 2
 
 
-if __name__ == "__main__":
-  sys.exit(main())
+def _one_line(e: BaseException) -> str:
+  msg = str(e) or type(e).__name__
+  if isinstance(e, OSError) and e.filename is not None and e.strerror:
+    msg = f"{e.strerror}: {e.filename}"
+  return " ".join(msg.split())
+
+
+if __name__ == "__main__":  # python -m dllm_jax.cli: run the importable copy of this module
+  from dllm_jax.cli import main as _main
+  sys.exit(_main())

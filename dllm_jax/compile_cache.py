@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from typing import Iterator
 
 ENV_DIR = "DLLM_JAX_CACHE_DIR"
@@ -66,6 +67,26 @@ def enable(path: str | None = None) -> str | None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor
   jax.config.update("jax_compilation_cache_dir", target)
   cc.reset_cache()  # a process that compiled before still picks the directory up
+  return target
+
+
+def enable_for_process(path: str | None = None) -> str | None:
+  """:func:`enable` for a program's entry point (the CLI), without importing jax: if jax is not
+  imported yet, the cache is configured through JAX's environment variables, which it reads on
+  import (child processes inherit them). Same precedence and return value as :func:`enable`."""
+  if "jax" in sys.modules:
+    return enable(path)
+  current = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if current:
+    return current
+  target = os.path.abspath(os.path.expanduser(path)) if path else default_dir()
+  try:
+    os.makedirs(target, mode=0o700, exist_ok=True)
+  except OSError:
+    return None
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = target
   return target
 
 

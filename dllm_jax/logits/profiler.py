@@ -137,47 +137,86 @@ def format_table(p: MemoryProfile) -> str:
 
 
 def add_profile_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-  parser.add_argument("--config", default="configs/llada-8b.json",
-                      help="model config.json or model directory")
-  parser.add_argument("--batch", type=int, default=4, help="Refresh rows at the largest shape")
-  parser.add_argument("--seq-len", type=int, default=4096)
-  parser.add_argument("--block-length", type=int, default=32)
+  from dllm_jax import presets
+  parser.add_argument("--config", required=True,
+                      help="model preset (" + ", ".join(presets.names()) + "), config.json or "
+                           "model directory")
+  parser.add_argument("--batch", type=int, default=4,
+                      help="Refresh rows at the largest shape (default 4)")
+  parser.add_argument("--seq-len", type=int, default=4096,
+                      help="canvas length (prompt + generation) of those rows (default 4096)")
+  parser.add_argument("--block-length", type=int, default=32,
+                      help="decoding block length: the candidate rows per request (default 32)")
   parser.add_argument("--device-memory-gb", type=float, default=None,
-                      help="per-device memory (default: read from the GPU; required on CPU)")
-  parser.add_argument("--utilization", type=float, default=0.9)
-  parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-  parser.add_argument("--page-size", type=int, default=64)
-  parser.add_argument("--tp", type=int, default=1, help="tensor-parallel devices")
-  parser.add_argument("--logits", choices=("auto",) + VARIANTS, default="auto")
+                      help="per-device memory, GiB (default: read from the GPU; required on CPU)")
+  parser.add_argument("--utilization", type=float, default=0.9,
+                      help="fraction of device memory the engine may use (default 0.9)")
+  parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                      help="weight and activation dtype (default bfloat16)")
+  parser.add_argument("--page-size", type=int, default=64,
+                      help="tokens per KV page (default 64)")
+  parser.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (default 1)")
+  parser.add_argument("--logits", choices=("auto",) + VARIANTS, default="auto",
+                      help="logit variant: auto = the budgeter's choice (default), full = "
+                           "logits for every row (the no-budgeting baseline)")
   parser.add_argument("--kv-budget-gb", type=float, default=None,
-                      help="report whether this much KV cache (per device) fits")
+                      help="report whether this much KV cache (per device) fits; exit 1 if not")
   parser.add_argument("--out", help="write the JSON profile here")
   return parser
 
 
+MIN_PAGES = 2  # page 0 is the pool's dummy page, so a usable pool has at least two
+
+
 def run_profile(args) -> int:
+  """``dllm-jax profile``: print the table; exit 1 when the model does not fit."""
   import os
-  cfg = ModelConfig.from_json(args.config)
-  name = os.path.splitext(os.path.basename(os.path.normpath(args.config)))[0]
+  import sys
+
+  from dllm_jax import presets
+  path = presets.resolve(args.config)
+  cfg = presets.model_config(path)
+  name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+  if name == "config":
+    name = cfg.name
   mem = args.device_memory_gb
   if mem is None:
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if not stats:
       raise ValueError("--device-memory-gb is required on CPU (no device memory to read)")
     mem_bytes = int(stats["bytes_limit"])
+  elif not mem > 0:
+    raise ValueError(f"--device-memory-gb: expected a positive number, got {mem:g}")
   else:
     mem_bytes = int(mem * 2**30)
+  for flag, v in (("--batch", args.batch), ("--seq-len", args.seq_len),
+                  ("--block-length", args.block_length), ("--page-size", args.page_size),
+                  ("--tp", args.tp)):
+    if v < 1:
+      raise ValueError(f"{flag}: expected a positive integer, got {v}")
   p = profile(cfg, batch=args.batch, seq_len=args.seq_len, device_memory_bytes=mem_bytes,
               utilization=args.utilization, dtype=args.dtype, page_size=args.page_size,
               tp=args.tp, block_length=args.block_length, logits=args.logits)
   print(format_table(p))
+  where = f"{args.tp} x {mem_bytes / 2**30:g} GiB"
+  rc = 0
+  if p.kv_pages < MIN_PAGES:
+    usable = p.device_memory_bytes * p.utilization
+    print(f"{name} does not fit on {where}: weights {p.weights_bytes / 2**30:.2f} GiB + "
+          f"activation peak {p.activation_peak_bytes / 2**30:.2f} GiB leave "
+          f"{max(0.0, usable - p.weights_bytes - p.activation_peak_bytes) / 2**20:.1f} MiB of "
+          f"the usable {usable / 2**30:.2f} GiB, under the {MIN_PAGES} KV pages of "
+          f"{p.page_bytes / 2**20:.1f} MiB a pool needs (try more memory, --tp, a smaller "
+          "--batch or --seq-len" + (", --dtype bfloat16" if p.dtype == "float32" else "") + ")",
+          file=sys.stderr)
+    rc = 1
   if args.kv_budget_gb is not None:
     need = int(args.kv_budget_gb * 2**30)
-    verdict = "fits" if p.kv_bytes >= need else "does NOT fit"
-    print(f"{name} on {args.tp} x {mem_bytes / 2**30:.0f} GiB with "
-          f"{args.kv_budget_gb:g} GiB KV per device: {verdict} "
-          f"({p.kv_bytes / 2**30:.2f} GiB available)")
+    fits = p.kv_bytes >= need and p.kv_pages >= MIN_PAGES
+    print(f"{name} on {where} with {args.kv_budget_gb:g} GiB KV per device: "
+          f"{'fits' if fits else 'does NOT fit'} ({p.kv_bytes / 2**30:.2f} GiB available)")
+    rc = rc or (0 if fits else 1)
   if args.out:
     write_profile(p, args.out)
     print(f"wrote {args.out}")
-  return 0
+  return rc

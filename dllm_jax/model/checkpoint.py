@@ -1,9 +1,11 @@
-"""orbax save / restore of model parameters (a pure dict of the NNX Param state)."""
+"""orbax save / restore of model parameters (a pure dict of the NNX Param state), and the
+non-weight files a converted checkpoint carries along (tokenizer, generation config, ...)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -43,3 +45,23 @@ def restore_params(path: str, *, cfg: ModelConfig | None = None, param_dtype=Non
   pure = ckptr.restore(os.path.join(path, "params"), target)
   pure = jax.tree.map(lambda x: x.astype(target_dtype), pure)
   return model_from_pure(cfg, pure, param_dtype=target_dtype)
+
+
+# Weight files of the formats a model directory may hold; everything else at the top level
+# (config.json, tokenizer files, generation_config.json, chat template, model card) is carried
+# over by a conversion.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
+                    ".index.json")
+
+
+def copy_sidecars(src: str, dst: str) -> list[str]:
+  """Copy the non-weight top-level files of model directory ``src`` into ``dst`` (the source's
+  config.json replaces a generated one, keeping fields we do not parse). Returns the names."""
+  copied = []
+  for name in sorted(os.listdir(src)):
+    path = os.path.join(src, name)
+    if not os.path.isfile(path) or name.endswith(_WEIGHT_SUFFIXES) or name.startswith("."):
+      continue
+    shutil.copyfile(path, os.path.join(dst, name))
+    copied.append(name)
+  return copied
