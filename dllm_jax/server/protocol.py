@@ -155,7 +155,7 @@ class _OpenAICommon(DiffusionOptions):
                                     description="Sampling temperature (0 = greedy).")
   seed: int | None = Field(None, description="Noise seed in [0, 2**32) (default 0).")
   stream: bool = Field(False, description="Stream the committed prefix as server-sent events.")
-  stream_options: StreamOptions | None = None
+  stream_options: StreamOptions | None = Field(None, description="Only with stream=true.")
   stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = (
       Field(None, description="Up to 4 strings; the text ends before the first one."))
   user: str | None = Field(None, description="Accepted and ignored.")
