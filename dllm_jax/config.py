@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from pallas_kernels.impls import KERNEL_IMPLS
+
 FAMILIES = ("llada", "dream")
 
 # Ids a HF config does not carry (EoT, BOS, ...) live in this block of our presets and of the
@@ -450,8 +452,8 @@ class EngineConfig:
       raise ValueError(f"scheduler: expected one of {SCHEDULERS}, got {self.scheduler!r}")
     if self.logits not in LOGIT_VARIANTS:
       raise ValueError(f"logits: expected one of {LOGIT_VARIANTS}, got {self.logits!r}")
-    if self.attn_impl not in ("auto", "pallas", "reference", "interpret"):
-      raise ValueError(f"attn_impl: expected auto|pallas|reference|interpret, got {self.attn_impl!r}")
+    if self.attn_impl not in KERNEL_IMPLS:
+      raise ValueError(f"attn_impl: expected one of {KERNEL_IMPLS}, got {self.attn_impl!r}")
     if self.page_size & (self.page_size - 1) or self.page_size < 16:
       raise ValueError(f"page_size: must be a power of two >= 16 (Triton), got {self.page_size}")
     from dllm_jax.cache.sparse_state import SparseConfig

@@ -93,12 +93,12 @@ def expand_kv_heads(pure: dict, cfg: ModelConfig, rep: int) -> dict:
     return x.reshape(shape[:axis] + (heads * rep * d,) + shape[axis + 1:])
 
   out = jax.tree.map(lambda x: x, pure)
-  for layer in out["layers"].values():
-    for name in ("k_proj", "v_proj"):
-      proj = layer["attn"][name]
-      proj["kernel"] = expand(proj["kernel"], 1)
-      if proj.get("bias") is not None:
-        proj["bias"] = expand(proj["bias"], 0)
+  attn = out["layers"]["attn"]  # stacked [L, ...]: the head axis is the last one
+  for name in ("k_proj", "v_proj"):
+    proj = attn[name]
+    proj["kernel"] = expand(proj["kernel"], 2)
+    if proj.get("bias") is not None:
+      proj["bias"] = expand(proj["bias"], 1)
   return out
 
 
@@ -113,7 +113,8 @@ def pad_vocab(pure: dict, vocab: int) -> dict:
 
 
 def param_specs(pure: dict) -> dict:
-  """PartitionSpec per parameter (same tree as the pure dict)."""
+  """PartitionSpec per parameter (same tree as the pure dict). Layer parameters are stacked
+  [L, ...]: their specs get a leading None (the layer axis is never split)."""
   col = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
   row = {"o_proj", "down_proj"}
 
@@ -125,10 +126,11 @@ def param_specs(pure: dict) -> dict:
       return P(AXIS, None)
     if name == "lm_head":
       return P(None, AXIS)
+    lead = (None,) if keys[0] == "layers" else ()
     if name in col:
-      return P(None, AXIS) if leaf == "kernel" else P(AXIS)
+      return P(*lead, None, AXIS) if leaf == "kernel" else P(*lead, AXIS)
     if name in row:
-      return P(AXIS, None)
+      return P(*lead, AXIS, None)
     return P()  # norms: replicated
 
   return jax.tree_util.tree_map_with_path(spec, pure)

@@ -7,6 +7,8 @@ import warnings
 import jax
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.impls import KERNEL_IMPLS
+
 # Large finite negative used for masked scores: (-inf) - (-inf) would be NaN in an online softmax.
 MASK_VALUE = -0.7 * float(jax.numpy.finfo(jax.numpy.float32).max)
 
@@ -22,9 +24,6 @@ def triton_params(num_warps: int = 4, num_stages: int = 2) -> pltr.CompilerParam
 
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
-
-
-KERNEL_IMPLS = ("auto", "pallas", "reference", "interpret", "callback")
 
 
 def resolve_impl(impl: str) -> str:

@@ -15,13 +15,14 @@ blocks <= 8).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 
 from dllm_jax.cache.sparse_state import SparseConfig
 from dllm_jax.config import EngineConfig, ModelConfig, SamplingParams
-from dllm_jax.engine.batch import Shapes
+from dllm_jax.engine.grid import Shapes
 from dllm_jax.engine.core import QueueFull
 from dllm_jax.engine.engine import LLM
 from dllm_jax.engine.runner import Runner
@@ -119,31 +120,39 @@ class _Planned(Exception):
   """Raised by a non-executing recorder after the first step's inputs are built."""
 
 
-class _Recorder:
-  """Delegates to a Runner and records the bucketed shapes of every step the engine runs
-  (``execute=False``: record the first step's shapes and stop before compiling anything)."""
+@dataclasses.dataclass(frozen=True)
+class Seen:
+  """One step as run: its bucket (read off the StepInputs themselves) and its real rows."""
 
-  def __init__(self, inner, shifted: bool, execute: bool = True):
-    self._inner, self._shifted, self._execute, self.seen = inner, shifted, execute, []
+  shapes: Shapes
+  refresh_rows: int   # Refresh rows with a canvas (not padding)
+  reuse_rows: int
+
+
+class _Recorder:
+  """Delegates to a Runner and records every step the engine runs (``execute=False``: record
+  the first step and stop before compiling anything)."""
+
+  def __init__(self, inner, execute: bool = True):
+    self._inner, self._execute, self.seen = inner, execute, []
 
   def __getattr__(self, name):
     return getattr(self._inner, name)
 
-  def step(self, cache, inp, static):
-    br, n = inp.refresh.tokens.shape if inp.refresh is not None else (0, 0)
-    bu, lq = inp.reuse.tokens.shape if inp.reuse is not None else (0, 0)
-    c = inp.cand.src.shape[1]
-    self.seen.append(Shapes(refresh_rows=br, length=n, reuse_rows=bu,
-                            query_rows=lq if bu else c + int(self._shifted), cand=c))
+  def step(self, cache, inp, key, static):
+    n = inp.refresh.index.shape[1] if inp.refresh is not None else 0
+    br = int((inp.refresh.lengths > 0).sum()) if inp.refresh is not None else 0
+    self.seen.append(Seen(Shapes(inp.flat.tokens.shape[0], n), br,
+                          int((inp.reuse.n_query > 0).sum())))
     if not self._execute:
       raise _Planned
-    return self._inner.step(cache, inp, static)
+    return self._inner.step(cache, inp, key, static)
 
 
-def capture_steps(llm: LLM, execute: bool = True) -> list[Shapes]:
-  """Record the shapes of every step the engine runs (from the StepInputs themselves)."""
+def capture_steps(llm: LLM, execute: bool = True) -> list[Seen]:
+  """Record the steps the engine runs (from the StepInputs themselves)."""
   core = llm.core
-  rec = _Recorder(core.runner, core.mcfg.shifted_prediction, execute)
+  rec = _Recorder(core.runner, execute)
   core.runner = rec
   return rec.seen
 
@@ -508,15 +517,9 @@ def test_step_loop_does_not_retain_results(make_llm, workload):
 # Memory budgets ---------------------------------------------------------------------------------
 
 def _largest_step_estimate(core) -> int:
-  """Activation estimate of the largest step the configuration allows: pow2(max_refresh_rows)
-  Refresh rows at the longest length bucket plus pow2(max_reuse_rows) Reuse rows at the largest
-  block bucket (memory.py's own description of the largest step)."""
-  from dllm_jax.engine.runner import pow2_at_least
-  cfg, mcfg = core.cfg, core.mcfg
-  cand = pow2_at_least(cfg.max_block_length, 8)
-  shapes = Shapes(pow2_at_least(cfg.max_refresh_rows), core.max_len_bucket,
-                  pow2_at_least(cfg.max_reuse_rows), cand + int(mcfg.shifted_prediction), cand)
-  return core.step_activation_bytes(shapes)
+  """Activation estimate of the largest step the configuration allows: the largest over every
+  bucket of the engine's shape grid (each bucket's layout is its largest step)."""
+  return max(core.step_activation_bytes(s) for s in core.grid.shapes())
 
 
 def test_memory_budget_sizes_the_pool(model):
@@ -549,20 +552,26 @@ def test_memory_budget_holds_for_every_step(model):
   seen = capture_steps(llm, execute=False)  # the first step's inputs, built but not run
   rng = np.random.default_rng(5)
   sp = SamplingParams(gen_length=8, block_length=8, steps=2, stop_on_eos=False)
-  for _ in range(3):
-    llm.add_request(random_prompt(rng, 25, 32), sp)
+  prompts = [random_prompt(rng, 25, 32) for _ in range(3)]
+  for p in prompts:
+    llm.add_request(p, sp)
   with pytest.raises(_Planned):
     llm.step()
-  assert seen == [Shapes(4, 64, 0, 8, 8)]
-  used = weights + core.pool_cfg.pool_bytes + core.step_activation_bytes(seen[0])
+  # Three Refresh rows of 33..40 tokens: the first token bucket (32, 48, 64, 96, 128) holding
+  # them all, at the 64-token length bucket.
+  total = sum(len(p) + 8 for p in prompts)
+  assert seen == [Seen(Shapes(min(b for b in (96, 128) if b >= total), 64), 3, 0)]
+  used = weights + core.pool_cfg.pool_bytes + core.step_activation_bytes(seen[0].shapes)
   assert used <= budget, (seen[0], used, budget)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_activation_budget_bounds_every_step(make_llm, policy):
   probe = make_llm().core
-  budget = probe.step_activation_bytes(Shapes(1, 32, 1, 8, 8))
-  assert probe.step_activation_bytes(Shapes(2, 32, 0, 8, 8)) > budget  # the budget binds
+  # One 32-token bucket step (one Refresh row of <= 32 tokens, or Reuse rows) fits; the next
+  # token bucket, needed by two Refresh rows of > 24 tokens, does not: the budget binds.
+  budget = probe.step_activation_bytes(Shapes(32, 32))
+  assert probe.step_activation_bytes(Shapes(48, 32)) > budget
   llm = make_llm(scheduler=policy, activation_budget_bytes=int(budget))
   core = llm.core
   seen = capture_steps(llm)
@@ -572,10 +581,10 @@ def test_activation_budget_bounds_every_step(make_llm, policy):
   sparses = [SparseConfig() if i % 2 else None for i in range(5)]
   outs = llm.generate(prompts, sps, sparses)
   assert len(outs) == 5 and all(MASK not in o.token_ids for o in outs)
-  over = [(s, core.step_activation_bytes(s)) for s in seen
-          if core.step_activation_bytes(s) > budget]
+  over = [(s, core.step_activation_bytes(s.shapes)) for s in seen
+          if core.step_activation_bytes(s.shapes) > budget]
   assert seen and not over, over
-  assert max(s.refresh_rows for s in seen) == 1
+  assert max(s.shapes.tokens for s in seen) == 32
   assert_idle(llm)
 
 

@@ -107,7 +107,7 @@ class NpModel:
     self.theta, self.eps, self.shifted = c.rope_theta, c.rms_norm_eps, c.shifted_prediction
     self.embed = f(model.embed)
     self.layers = []
-    for layer in model.layers:
+    for layer in (model.layer(i) for i in range(c.num_layers)):
       a = layer.attn
       bias = lambda lin: f(lin.bias) if lin.bias is not None else 0.0
       self.layers.append(dict(

@@ -54,7 +54,8 @@ def test_collectives_and_no_logit_all_gather(run):
   hlo = r["hlo"]
   # Row-parallel o_proj / down_proj and the vocab-parallel embedding reduce with all-reduce.
   assert len(hlo["all-reduce"]) >= 2
-  # The logit statistics cross devices as [tp, rows] all-gathers; no collective carries a
+  # The logit statistics cross devices as [tp, rows] all-gathers (rows: one decode chunk of
+  # candidate rows); no collective carries a
   # vocab-sized axis, i.e. the [rows x V] logits are never gathered.
   assert hlo["all-gather"], "expected the per-row statistics all-gather"
   for shape in hlo["all-gather"]:

@@ -16,7 +16,7 @@ import jax  # noqa: E402
 
 from dllm_jax.cache.sparse_state import SparseConfig  # noqa: E402
 from dllm_jax.config import EngineConfig, ModelConfig, SamplingParams  # noqa: E402
-from dllm_jax.engine.batch import build_step, shapes_for  # noqa: E402
+from dllm_jax.engine.batch import build_step  # noqa: E402
 from dllm_jax.engine.engine import LLM  # noqa: E402
 from dllm_jax.model.transformer import init_model  # noqa: E402
 
@@ -74,15 +74,15 @@ def main(family: str) -> None:
           reqs.append(rid)
         core._drain()
         plan = core.scheduler.schedule()
-        shapes = shapes_for(plan.refresh, plan.reuse, cfg, core.max_len_bucket)
-        inp, _ = build_step(plan.refresh, plan.reuse, cfg, shapes, sparse_on=True,
+        shapes = core.shapes_for(plan.refresh, plan.reuse)
+        inp, _ = build_step(plan.refresh, plan.reuse, cfg, core.layout(shapes), sparse_on=True,
                             max_slots=core.pool_cfg.max_slots, reserved_width=core.reserved_width)
-        static = core._static(shapes, False, False)
-        text = core.runner.compiled_text(core.cache, inp, static)
+        key = core.step_key(shapes)
+        text = core.runner.compiled_text(key, key[1], core.cache, inp)
         result["hlo"] = collectives(text)
         result["hlo"]["vocab"] = core.runner.layout.vocab_size
         result["hlo"]["vocab_local"] = core.runner.layout.vocab_per_device
-        result["hlo"]["rows"] = (shapes.refresh_rows + shapes.reuse_rows) * shapes.cand
+        result["hlo"]["rows"] = key[1].decode.chunk  # the decode head's rows per iteration
   print(json.dumps(result))
 
 

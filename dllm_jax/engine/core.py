@@ -23,13 +23,19 @@ from dllm_jax.cache.sparse_state import Phase, SparseConfig
 from dllm_jax.config import EngineConfig, SamplingParams
 from dllm_jax.decoding.dense import LogitPlan
 from dllm_jax.engine import memory
-from dllm_jax.engine.batch import Shapes, build_step, dummy_step, shapes_for
+from dllm_jax.engine.batch import Layout, build_step, dummy_step, step_tokens
+from dllm_jax.engine.decode import DecodeStatic, chunk_rows
+from dllm_jax.engine.grid import Grid, Shapes, pow2_at_least
 from dllm_jax.engine.request import Request, Status
-from dllm_jax.engine.runner import Runner, StepStatic, bucket_sizes, pow2_at_least
+from dllm_jax.engine.runner import Runner, StepStatic
 from dllm_jax.engine.scheduler import Scheduler
+from dllm_jax.model.attention import resolve_refresh_impl
 from dllm_jax.model.fused import SparseStatic
 from dllm_jax.model.transformer import Transformer
 from dllm_jax.parallel import to_host
+
+
+WARMUP_MODES = ("none", "quick", "full")
 
 
 class QueueFull(RuntimeError):
@@ -64,13 +70,21 @@ class EngineCore:
     self.max_len = min(cfg.max_model_len or self.mcfg.max_position, self.mcfg.max_position)
     self.max_len_bucket = pow2_at_least(self.max_len, 32)
     self.dtype = model.dtype
+    self.grid = Grid(max_tokens=cfg.token_budget, max_len_bucket=self.max_len_bucket,
+                     max_refresh_rows=cfg.max_refresh_rows, max_reuse_rows=cfg.max_reuse_rows,
+                     max_block_length=cfg.max_block_length,
+                     shifted=self.mcfg.shifted_prediction)
+    self.refresh_impl = resolve_refresh_impl("auto", self.dtype, self.mcfg.head_dim)
     self.runner = Runner(model, parallel.make_mesh(cfg.tp, devices))
     self.kv_heads = self.runner.layout.kv_heads_per_device
+    self._plans: dict[int, LogitPlan] = {}
+    self._layouts: dict[Shapes, Layout] = {}
+    self._keys: dict[Shapes, tuple] = {}
     self.pool_cfg = self._pool_config()
     self.cache = self.runner.shard_cache(init_cache(self.pool_cfg))
     self.pages = ShardedPageAllocator(self.pool_cfg.num_pages, cfg.tp)
     self.slots = SlotAllocator(self.pool_cfg.max_slots)
-    self.scheduler = Scheduler(cfg, self.mcfg, self.pages, self.slots, self._fits_activation,
+    self.scheduler = Scheduler(cfg, self.mcfg, self.pages, self.slots, self._fits,
                                kv_heads=self.kv_heads)
     self.stats = StepStats()
     self._ids = itertools.count()
@@ -78,7 +92,6 @@ class EngineCore:
     self._intake: deque[Request] = deque()
     self._requests: dict[str, Request] = {}
     self._aborts: set[str] = set()
-    self._plans: dict[tuple, LogitPlan] = {}
 
   # Sizing -------------------------------------------------------------------------------------
   def _pool_config(self) -> PoolConfig:
@@ -95,8 +108,10 @@ class EngineCore:
     if cfg.num_pages is not None:
       n = cfg.num_pages
     elif cfg.memory_budget_bytes is not None:
-      n = memory.pages_for_budget(cfg.memory_budget_bytes, self.mcfg, cfg, base, self.dtype,
-                                  self.max_len_bucket)
+      peak = cfg.activation_budget_bytes
+      if peak is None:  # the largest step of the grid
+        peak = max(self.step_activation_bytes(s) for s in self.grid.shapes())
+      n = memory.pages_for_budget(cfg.memory_budget_bytes, self.mcfg, peak, base)
       if n < 2:
         raise ValueError(
             f"memory_budget_bytes={cfg.memory_budget_bytes:,} leaves no room for a KV pool after "
@@ -107,22 +122,41 @@ class EngineCore:
     return dataclasses.replace(base, num_pages=int(n))
 
   def _logit_plan(self, rows: int) -> LogitPlan:
-    key = rows
-    plan = self._plans.get(key)
+    plan = self._plans.get(rows)
     if plan is None:
-      plan = self._plans[key] = memory.logit_plan(self.cfg, self.mcfg, rows, self.dtype)
+      plan = self._plans[rows] = memory.logit_plan(self.cfg, self.mcfg, rows, self.dtype)
     return plan
 
-  def step_activation_bytes(self, shapes: Shapes) -> int:
-    rows = (shapes.refresh_rows + shapes.reuse_rows) * shapes.cand
-    return memory.step_activation_bytes(self.mcfg, shapes, self._logit_plan(rows), self.dtype)
+  def layout(self, shapes: Shapes) -> Layout:
+    """The static sizes of one bucket (its candidate slots follow its logit plan's chunk)."""
+    lay = self._layouts.get(shapes)
+    if lay is None:
+      capacity = self.grid.candidates(shapes, 1)
+      chunk = chunk_rows(self._logit_plan(capacity), capacity)
+      lay = self._layouts[shapes] = Layout.of(self.grid, shapes, chunk)
+    return lay
 
-  def _fits_activation(self, refresh: list[Request], reuse: list[Request]) -> bool:
+  def step_activation_bytes(self, shapes: Shapes) -> int:
+    lay = self.layout(shapes)
+    return memory.step_activation_bytes(self.mcfg, lay, self._logit_plan(lay.candidates),
+                                        self.dtype, flash_refresh=self.refresh_impl == "cudnn")
+
+  def shapes_for(self, refresh: list[Request], reuse: list[Request]) -> Shapes | None:
+    """The grid bucket of a step of these rows, or None when no bucket holds it."""
+    return self.grid.choose(step_tokens(refresh, reuse, self.mcfg),
+                            max([r.length for r in refresh] + [0]), len(refresh), len(reuse))
+
+  def _fits(self, refresh: list[Request], reuse: list[Request]) -> bool:
+    """Whether a step of these rows fits a bucket of the grid and the activation budget."""
+    shapes = self.shapes_for(refresh, reuse)
+    if shapes is None:
+      return False
     budget = self.cfg.activation_budget_bytes
-    if budget is None:
-      return True
-    return self.step_activation_bytes(shapes_for(refresh, reuse, self.mcfg,
-                                                 self.max_len_bucket)) <= budget
+    return budget is None or self.step_activation_bytes(shapes) <= budget
+
+  def executable_bound(self) -> int:
+    """Step executables this engine can ever compile: one per bucket of its grid."""
+    return len(self.grid.shapes())
 
   # Intake -------------------------------------------------------------------------------------
   def validate(self, prompt_ids: list[int], sp: SamplingParams, sparse: SparseConfig | None):
@@ -141,7 +175,7 @@ class EngineCore:
     if n > self.cfg.token_budget:
       raise ValueError(f"a Refresh of this request feeds {n} tokens, over the engine's token "
                        f"budget {self.cfg.token_budget}")
-    if not self._fits_activation([req], []):
+    if not self._fits([req], []):
       raise ValueError(f"a Refresh of {n} tokens exceeds the activation budget "
                        f"{self.cfg.activation_budget_bytes:,} bytes")
     need = req.pages_needed(self.kv_heads, self.cfg.page_size)
@@ -205,38 +239,73 @@ class EngineCore:
     return done
 
   # Stepping -----------------------------------------------------------------------------------
-  def _static(self, shapes: Shapes, want_margin: bool, want_entropy: bool) -> StepStatic:
-    rows = (shapes.refresh_rows + shapes.reuse_rows) * shapes.cand
-    return StepStatic(
-        plan=self._logit_plan(rows),
-        sparse=SparseStatic(block_width=shapes.cand,
-                            select_width=self.pool_cfg.max_pages_per_head * self.cfg.page_size,
-                            attn_impl=self.cfg.attn_impl),
-        want_margin=want_margin, want_entropy=want_entropy)
+  def step_key(self, shapes: Shapes) -> tuple:
+    """(Layout, StepStatic) of a bucket: what identifies its executable."""
+    key = self._keys.get(shapes)
+    if key is None:
+      key = self._keys[shapes] = (self.layout(shapes), self._static(shapes))
+    return key
 
-  def warmup(self, lengths=(), block_lengths=(32,), *, margin: bool = False,
-             entropy: bool = False) -> int:
-    """Precompile the step for every bucket a workload with these canvas lengths and block
-    lengths can reach (all row buckets up to the caps). Returns the number of new compiles."""
+  def _static(self, shapes: Shapes) -> StepStatic:
+    lay = self.layout(shapes)
+    plan = self._logit_plan(lay.candidates)
+    return StepStatic(
+        sparse=SparseStatic(block_width=lay.cand_width,
+                            select_width=self.pool_cfg.max_pages_per_head * self.cfg.page_size,
+                            attn_impl=self.cfg.attn_impl, refresh_impl=self.refresh_impl),
+        decode=DecodeStatic(plan=plan, chunk=chunk_rows(plan, lay.candidates),
+                            cand_width=lay.cand_width, mask_id=self.mcfg.mask_token_id,
+                            vocab_size=self.mcfg.vocab_size))
+
+  def warmup_shapes(self, mode: str = "full", lengths=None) -> list[Shapes]:
+    """The buckets ``warmup(mode)`` compiles: "full" every bucket of the grid; "quick" the
+    steady-state ones (Reuse-only steps, and steps whose Refresh rows are at the longest
+    length bucket); "none" nothing. ``lengths`` (canvas lengths of a workload) keeps only the
+    Refresh length buckets those canvases can reach."""
+    if mode not in WARMUP_MODES:
+      raise ValueError(f"warmup mode: expected one of {WARMUP_MODES}, got {mode!r}")
+    if mode == "none":
+      return []
+    shapes = self.grid.shapes()
+    if lengths is not None:
+      longest = max(pow2_at_least(n, 32) for n in lengths)
+      shapes = [s for s in shapes if s.length <= longest]
+    if mode == "quick":
+      top = max(s.length for s in shapes)
+      shapes = [s for s in shapes if s.length in (0, top)]
+    return shapes
+
+  def warmup(self, mode: str = "full", *, lengths=None, threads: int | None = None,
+             progress: bool = False) -> int:
+    """Compile the buckets of ``warmup_shapes(mode, lengths)`` ahead of time, in parallel
+    threads (XLA compiles outside the GIL), with an optional progress bar and estimate.
+    Returns the number of new compilations; afterwards no step of those buckets compiles."""
+    import concurrent.futures
+    import os
+
+    todo = [s for s in self.warmup_shapes(mode, lengths)
+            if self.step_key(s) not in self.runner.executables]
     before = self.runner.compile_count
-    ns = sorted({min(pow2_at_least(n, 32), self.max_len_bucket) for n in lengths} or
-                {self.max_len_bucket})
-    cs = sorted({pow2_at_least(b, 8) for b in block_lengths})
-    brs = [0] + bucket_sizes(1, self.cfg.max_refresh_rows)
-    bus = [0] + bucket_sizes(1, self.cfg.max_reuse_rows)
-    q_extra = 1 if self.mcfg.shifted_prediction else 0
-    for c in cs:
-      for br in brs:
-        for n in (ns if br else [0]):
-          for bu in bus:
-            if br == 0 and bu == 0:
-              continue
-            shapes = Shapes(br, n, bu, c + q_extra, c)
-            inp = dummy_step(self.mcfg, shapes, max_slots=self.pool_cfg.max_slots,
-                             reserved_width=self.reserved_width)
-            self.cache, x0, _ = self.runner.step(self.cache, inp,
-                                                 self._static(shapes, margin, entropy))
-            jax.block_until_ready(x0)
+    if not todo:
+      return 0
+    bar = None
+    if progress:
+      from tqdm import tqdm
+      bar = tqdm(total=len(todo), desc="warm-up (step executables)", unit="exe")
+
+    def one(shapes):
+      inp = dummy_step(self.mcfg, self.layout(shapes), max_slots=self.pool_cfg.max_slots,
+                       reserved_width=self.reserved_width)
+      key = self.step_key(shapes)
+      self.runner.compile(key, key[1], self.cache, inp)
+      if bar is not None:
+        bar.update(1)
+
+    workers = threads or min(len(todo), max(1, (os.cpu_count() or 1)))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      list(pool.map(one, todo))
+    if bar is not None:
+      bar.close()
     return self.runner.compile_count - before
 
   def step(self) -> list[Request]:
@@ -248,16 +317,15 @@ class EngineCore:
       for req in finished:
         self._notify(req)
       return finished
-    shapes = shapes_for(plan.refresh, plan.reuse, self.mcfg, self.max_len_bucket)
-    inputs, rows = build_step(plan.refresh, plan.reuse, self.mcfg, shapes, sparse_on=True,
-                              max_slots=self.pool_cfg.max_slots,
+    shapes = self.shapes_for(plan.refresh, plan.reuse)
+    inputs, rows = build_step(plan.refresh, plan.reuse, self.mcfg, self.layout(shapes),
+                              sparse_on=True, max_slots=self.pool_cfg.max_slots,
                               reserved_width=self.reserved_width)
     reqs = rows.reqs
-    static = self._static(shapes, any(r.params.confidence == "margin" for r in reqs),
-                          any(r.params.confidence == "entropy" for r in reqs))
     n_select = sum(1 for r in plan.refresh if r.is_sparse and r.phase() == Phase.SELECT)
     t1 = time.perf_counter()
-    self.cache, x0, commit = self.runner.step(self.cache, inputs, static)
+    key = self.step_key(shapes)
+    self.cache, x0, commit = self.runner.step(self.cache, inputs, key, key[1])
     x0, commit = to_host(x0), to_host(commit)  # the step's one device->host transfer
     t2 = time.perf_counter()
     now = time.perf_counter()

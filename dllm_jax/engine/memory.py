@@ -39,24 +39,32 @@ def logit_bytes(mcfg: ModelConfig, plan: LogitPlan, rows: int, fed_rows: int, dt
                                  plan.vocab_tile)
 
 
-def step_activation_bytes(mcfg: ModelConfig, shapes, plan: LogitPlan, dtype) -> int:
-  """Upper estimate of a step's live activations (bytes).
+def step_activation_bytes(mcfg: ModelConfig, lay, plan: LogitPlan, dtype, *,
+                          flash_refresh: bool = False) -> int:
+  """Upper estimate of a step's live activations (bytes), for a bucket's ``Layout``
+  (dllm_jax/engine/batch.py).
 
-  T = Br*N + Bu*Lq packed tokens, b = dtype bytes:
+  T flat tokens, A = Br*N + Bu*Lq attention-layout rows, b = dtype bytes:
     residual stream + normed copy + layer output: 3 * T * d * b
-    attention: q/k/v T*(Hq + 2*Hkv)*D*b, Refresh scores and probabilities 2 * Br*Hq*N*N*4 (f32),
-               Reuse gathered-page worst case is bounded by the kernel's tiles (ignored)
+    attention: q/k/v of the flat tokens and of the layouts (T + A)*(Hq + 2*Hkv)*D*b, the outputs
+               A*Hq*D*b, Refresh scores and probabilities 2 * Br*Hq*N*N*4 (f32; none with cuDNN
+               flash attention, ``flash_refresh``), Reuse gathered-page worst case is bounded by
+               the kernel's tiles (ignored)
     MLP: gate, up and their product 3 * T * F * b
-    logits: the plan's own peak (budgeter), with the candidate rows' hidden gather R*d*b
-  peak = 3*T*d*b + max(attention, MLP, logits + R*d*b).
+    logits: the plan's own peak (budgeter) for the K candidate rows (``full``: every fed row),
+            with the candidate rows' hidden gather K*d*b
+  peak = 3*T*d*b + max(attention, MLP, logits + K*d*b).
   """
   b = jnp.dtype(dtype).itemsize
-  t = shapes.refresh_rows * shapes.length + shapes.reuse_rows * shapes.query_rows
+  t = lay.tokens
+  a = lay.refresh_rows * lay.length + lay.reuse_rows * lay.query_width
   d, f, hd = mcfg.hidden_size, mcfg.intermediate_size, mcfg.head_dim
-  attn = t * (mcfg.num_heads + 2 * mcfg.num_kv_heads) * hd * b
-  attn += 2 * shapes.refresh_rows * mcfg.num_heads * shapes.length * shapes.length * 4
+  heads = mcfg.num_heads + 2 * mcfg.num_kv_heads
+  attn = (t + a) * heads * hd * b + a * mcfg.num_heads * hd * b
+  if not flash_refresh:
+    attn += 2 * lay.refresh_rows * mcfg.num_heads * lay.length * lay.length * 4
   mlp = 3 * t * f * b
-  rows = (shapes.refresh_rows + shapes.reuse_rows) * shapes.cand
+  rows = lay.candidates
   logits = logit_bytes(mcfg, plan, rows, t, dtype) + rows * d * b
   return 3 * t * d * b + max(attn, mlp, logits)
 
@@ -65,27 +73,13 @@ def weights_bytes(mcfg: ModelConfig, dtype) -> int:
   return mcfg.num_params() * jnp.dtype(dtype).itemsize
 
 
-def pages_for_budget(budget: int, mcfg: ModelConfig, cfg: EngineConfig, pool, dtype,
-                     max_len_bucket: int) -> int:
+def pages_for_budget(budget: int, mcfg: ModelConfig, peak: int, pool) -> int:
   """KV pages that fit: (budget - weights - activation peak of the largest step) / page bytes.
 
-  The largest step is pow2(max_refresh_rows) x the longest length bucket plus max_reuse_rows
-  Reuse rows, an upper bound of every bucketed step (or the activation budget, when one is set). Compare dLLM-Serve's
+  ``peak``: the largest activation estimate over every bucket of the engine's grid (or the
+  activation budget, when one is set). Compare dLLM-Serve's
   ``(total*util - used - peak + current) / page_bytes`` (spec §5.3): the same subtraction, with
   the peak taken from the analytic model instead of a warm-up run.
   """
-  from dllm_jax.engine.batch import Shapes
-  from dllm_jax.engine.runner import pow2_at_least
-
-  cand = pow2_at_least(cfg.max_block_length, 8)
-  # Upper bound of any step the scheduler can run: shorter canvases allow more Refresh rows, and
-  # every bucket rounds up, so take the row cap at the longest length bucket.
-  shapes = Shapes(refresh_rows=pow2_at_least(cfg.max_refresh_rows), length=max_len_bucket,
-                  reuse_rows=pow2_at_least(cfg.max_reuse_rows),
-                  query_rows=cand + (1 if mcfg.shifted_prediction else 0), cand=cand)
-  peak = cfg.activation_budget_bytes
-  if peak is None:
-    plan = logit_plan(cfg, mcfg, (shapes.refresh_rows + shapes.reuse_rows) * cand, dtype)
-    peak = step_activation_bytes(mcfg, shapes, plan, dtype)
-  left = budget - weights_bytes(mcfg, dtype) - peak
+  left = budget - weights_bytes(mcfg, jnp.dtype(pool.dtype)) - peak
   return int(left // pool.page_bytes)

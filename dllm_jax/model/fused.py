@@ -1,9 +1,23 @@
-"""The fused step forward (DESIGN.md §3a): Refresh and Reuse rows through one pass.
+"""The step forward (DESIGN.md §3a): Refresh and Reuse rows through one pass, layers under scan.
 
-Linear layers and norms run on the packed tokens of both parts together
-(``[Br*N + Bu*Lq, d]``: the weights are read once for both phases); only attention is split:
-dense with a key-padding mask for Refresh rows, head-sparse over the paged pool for Reuse rows.
-Refresh rows flagged for Select also pick and store their K/V in every layer.
+The tokens of one step are packed flat, ``[T]`` (Refresh canvases back to back, then the Reuse
+rows' query tokens, then padding): embeddings, norms, projections and the MLP run on those T
+tokens once (the weights are read once for both phases, and nothing is padded but the tail of
+T). Only attention needs per-row layouts, which are runtime index maps into the flat tokens:
+
+  Refresh  ``RefreshLayout.index [Br, N]``: row r's canvas; dense non-causal attention over it
+           (:func:`dllm_jax.model.attention.refresh_attention`, cuDNN flash on GPUs). Rows flagged
+           in ``SelectPart`` also pick and store each KV head's important K/V (Select).
+  Reuse    ``ReuseLayout.index [Bu, Lq]``: the block's tokens (Dream: then the token before the
+           block, a query-only row); head-sparse attention over the pool's selected K/V plus the
+           block's fresh K/V (Pallas kernel on GPUs).
+
+The attention outputs go back to the flat order through one gather (``FlatTokens.inverse``).
+
+Layers run under ``jax.lax.scan`` over the model's stacked parameters with ONE layer body
+(:func:`layer_forward`), for the Refresh-only model forward (``Transformer.refresh``), the
+engine's fused step and tensor parallelism alike; the KV pool ``[L, P, S, D]`` is carried
+through the scan and read / written in place at the traced layer index (never sliced).
 """
 
 from __future__ import annotations
@@ -14,18 +28,19 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from dllm_jax.cache import selection
 from dllm_jax.cache.page_pool import SparseCache
-from dllm_jax.model.attention import dense_attention
-from dllm_jax.model.transformer import RefreshPart, Transformer
+from dllm_jax.model.attention import refresh_attention
+from dllm_jax.model.transformer import Block, RefreshPart, Transformer
 from pallas_kernels.head_sparse_attention import (head_sparse_attention, pack_queries,
                                                   unpack_outputs)
 
 
 @flax.struct.dataclass
 class ReusePart:
-  """Block-only rows.
+  """Block-only rows, padded (the convenience form of :func:`step_forward`).
 
   tokens, positions [Bu, Lq]: the block's tokens at absolute positions (Dream: then the token just
   before the block as a query-only row); new_len [Bu]: rows whose fresh K/V join the attention
@@ -34,6 +49,37 @@ class ReusePart:
 
   tokens: jax.Array
   positions: jax.Array
+  new_len: jax.Array
+  slots: jax.Array
+
+
+@flax.struct.dataclass
+class FlatTokens:
+  """The step's tokens, packed. tokens, positions [T] int32; inverse [T] int32: where token t's
+  attention output is in concat(Refresh layout [Br*N], Reuse layout [Bu*Lq], one zero row)."""
+
+  tokens: jax.Array
+  positions: jax.Array
+  inverse: jax.Array
+
+
+@flax.struct.dataclass
+class RefreshLayout:
+  """index [Br, N] int32: flat token of row r's canvas position j (any valid index past the
+  row's length); lengths [Br] int32 (0 for padding rows)."""
+
+  index: jax.Array
+  lengths: jax.Array
+
+
+@flax.struct.dataclass
+class ReuseLayout:
+  """index [Bu, Lq] int32: flat token of row u's query j; n_query [Bu]: query tokens in use
+  (block + Dream's query-only row; 0 for padding rows); new_len [Bu]: leading query tokens whose
+  fresh K/V join the attention; slots [Bu]: the row's page-table slot."""
+
+  index: jax.Array
+  n_query: jax.Array
   new_len: jax.Array
   slots: jax.Array
 
@@ -55,16 +101,20 @@ class SelectPart:
 
 @dataclasses.dataclass(frozen=True)
 class SparseStatic:
-  """Compile-time constants of the sparse path."""
+  """Compile-time constants of the forward."""
 
   block_width: int = 32       # query rows of the block used for the Select mean (>= block len)
   select_width: int = 256     # max tokens one head may keep (static sort width)
-  attn_impl: str = "auto"
+  attn_impl: str = "auto"     # Reuse: head-sparse kernel impl (pallas_kernels.common.KERNEL_IMPLS)
+  refresh_impl: str = "auto"  # Refresh: dllm_jax.model.attention.REFRESH_IMPLS
 
 
-def _select_and_store(cache: SparseCache, layer: int, q, k, v, lengths, sel: SelectPart,
+def _select_and_store(cache: SparseCache, layer, q, k, v, lengths, sel: SelectPart,
                       st: SparseStatic, axis: str | None = None) -> SparseCache:
-  """Select each row's important K/V for this layer and write them into its reserved pages."""
+  """Select each row's important K/V for this layer and write them into its reserved pages.
+
+  q [Br, N, Hq, D], k/v [Br, N, Hkv, D]; ``layer`` a traced int32 scalar. The pool is updated by
+  one scatter per tensor, in place (it is a scan carry and a donated step argument)."""
   n = q.shape[1]
   page_size = cache.k.shape[2]
   num_pages = cache.k.shape[1]
@@ -104,19 +154,22 @@ def _select_and_store(cache: SparseCache, layer: int, q, k, v, lengths, sel: Sel
       kv_len=cache.kv_len.at[slots, layer].set(counts, mode="drop"))
 
 
-def _sparse_attention(cache: SparseCache, layer: int, q, k, v, u: ReusePart, st: SparseStatic):
-  """Reuse rows: queries attend to their head's selected K/V plus the block's fresh K/V."""
+def reuse_attention(cache: SparseCache, layer, q, k, v, u: ReuseLayout, st: SparseStatic):
+  """Reuse rows: queries attend to their head's selected K/V plus the block's fresh K/V.
+
+  q [Bu, Lq, Hq, D], k/v [Bu, Lq, Hkv, D] -> [Bu, Lq, Hq, D]. The whole pool and the traced
+  ``layer`` go to the kernel (a per-layer slice would be a copy of the plane every step)."""
   lq, hq = q.shape[1], q.shape[2]
   hkv = k.shape[2]  # local heads under tensor parallelism
   table = cache.page_table[u.slots, layer]
   kv_len = cache.kv_len[u.slots, layer]
   out = head_sparse_attention(
-      pack_queries(q, hkv), cache.k[layer], cache.v[layer], table, kv_len,
-      k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), u.new_len, impl=st.attn_impl)
+      pack_queries(q, hkv), cache.k, cache.v, table, kv_len, k.transpose(0, 2, 1, 3),
+      v.transpose(0, 2, 1, 3), u.new_len, layer, u.n_query * (hq // hkv), impl=st.attn_impl)
   return unpack_outputs(out, lq, hq)
 
 
-def _embed(model: Transformer, tokens, axis: str | None):
+def embed(model: Transformer, tokens, axis: str | None):
   """Token embeddings; under tensor parallelism each device holds a vocab slice (then psum)."""
   table = model.embed[...]
   if axis is None:
@@ -127,49 +180,87 @@ def _embed(model: Transformer, tokens, axis: str | None):
   return jax.lax.psum(jnp.where(inside[:, None], x, 0), axis)
 
 
-def step_forward(model: Transformer, refresh: RefreshPart | None, reuse: ReusePart | None,
-                 cache: SparseCache | None = None, select: SelectPart | None = None,
-                 st: SparseStatic = SparseStatic(), axis: str | None = None):
-  """Hidden states of both parts (refresh [Br, N, d] or None, reuse [Bu, Lq, d] or None) and the
-  updated cache. Either part may be None (or have zero rows).
+def layer_forward(blk: Block, layer, x, flat: FlatTokens, refresh: RefreshLayout | None,
+                  reuse: ReuseLayout | None, cache: SparseCache | None,
+                  select: SelectPart | None, st: SparseStatic, axis: str | None):
+  """One layer over the flat tokens: x [T, d] -> (x [T, d], cache). ``layer``: traced index."""
+  att = blk.attn
+  q, k, v = att.qkv(blk.attn_norm(x), flat.positions)            # [T, H, D]
+  outs = []
+  if refresh is not None:
+    qr, kr, vr = (jnp.take(a, refresh.index, axis=0) for a in (q, k, v))  # [Br, N, H, D]
+    if select is not None:
+      cache = _select_and_store(cache, layer, qr, kr, vr, refresh.lengths, select, st, axis)
+    o = refresh_attention(qr, kr, vr, refresh.lengths, impl=st.refresh_impl)
+    outs.append(o.reshape(-1, *o.shape[2:]))
+  if reuse is not None:
+    qu, ku, vu = (jnp.take(a, reuse.index, axis=0) for a in (q, k, v))    # [Bu, Lq, H, D]
+    o = reuse_attention(cache, layer, qu, ku, vu, reuse, st)
+    outs.append(o.reshape(-1, *o.shape[2:]))
+  outs.append(jnp.zeros((1,) + q.shape[1:], q.dtype))           # what padding tokens read
+  o = jnp.take(jnp.concatenate(outs, axis=0), flat.inverse, axis=0)   # back to flat order
+  reduce = (lambda y: jax.lax.psum(y, axis)) if axis else (lambda y: y)
+  x = x + reduce(att.o_proj(o.reshape(o.shape[0], -1)))
+  x = x + reduce(blk.mlp(blk.mlp_norm(x)))
+  return x, cache
+
+
+def flat_forward(model: Transformer, flat: FlatTokens, refresh: RefreshLayout | None,
+                 reuse: ReuseLayout | None, cache: SparseCache | None = None,
+                 select: SelectPart | None = None, st: SparseStatic = SparseStatic(),
+                 axis: str | None = None):
+  """Final hidden states [T, d] of the flat tokens and the updated cache.
 
   ``axis``: the mesh axis name when running as one tensor-parallel shard under shard_map (the
   params, pool and tables are then this device's slices; see dllm_jax/parallel.py).
   """
-  reduce = (lambda y: jax.lax.psum(y, axis)) if axis else (lambda y: y)
-  parts = []
-  if refresh is not None:
-    parts.append(("refresh", refresh.tokens, refresh.positions))
-  if reuse is not None:
-    parts.append(("reuse", reuse.tokens, reuse.positions))
-  shapes = [tok.shape for _, tok, _ in parts]
-  sizes = [s[0] * s[1] for s in shapes]
-  x = jnp.concatenate([_embed(model, tok.reshape(-1), axis) for _, tok, _ in parts], axis=0)
+  graphdef, stacked = nnx.split(model.layers)
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
 
-  def split(y):
-    out, start = [], 0
-    for (b, t), size in zip(shapes, sizes):
-      out.append(y[start:start + size].reshape(b, t, *y.shape[1:]))
-      start += size
-    return out
+  def body(carry, xs):
+    x, cache = carry
+    state, layer = xs
+    x, cache = layer_forward(nnx.merge(graphdef, state), layer, x, flat, refresh, reuse, cache,
+                             select, st, axis)
+    return (x, cache), None
 
-  for li, layer in enumerate(model.layers):
-    att = layer.attn
-    h = layer.attn_norm(x)
-    outs = []
-    for (name, _, positions), hp in zip(parts, split(h)):
-      q, k, v = att.qkv(hp, positions)
-      if name == "refresh":
-        if select is not None:
-          cache = _select_and_store(cache, li, q, k, v, refresh.lengths, select, st, axis)
-        o = dense_attention(q, k, v, refresh.lengths)
-      else:
-        o = _sparse_attention(cache, li, q, k, v, reuse, st)
-      outs.append(o.reshape(o.shape[0] * o.shape[1], -1))
-    x = x + reduce(att.o_proj(jnp.concatenate(outs, axis=0)))
-    x = x + reduce(layer.mlp(layer.mlp_norm(x)))
-  hidden = split(model.final_norm(x))
-  it = iter(hidden)
-  h_refresh = next(it) if refresh is not None else None
-  h_reuse = next(it) if reuse is not None else None
-  return h_refresh, h_reuse, cache
+  x = embed(model, flat.tokens, axis)
+  (x, cache), _ = jax.lax.scan(body, (x, cache),
+                               (stacked, jnp.arange(num_layers, dtype=jnp.int32)))
+  return model.final_norm(x), cache
+
+
+def step_forward(model: Transformer, refresh: RefreshPart | None, reuse: ReusePart | None,
+                 cache: SparseCache | None = None, select: SelectPart | None = None,
+                 st: SparseStatic = SparseStatic(), axis: str | None = None):
+  """The padded convenience form: hidden states of both parts (refresh [Br, N, d] or None,
+  reuse [Bu, Lq, d] or None) and the updated cache. Packs every row's full padded width into
+  the flat tokens (no trimming), then runs :func:`flat_forward`."""
+  tokens, positions, shapes = [], [], []
+  lay_refresh = lay_reuse = None
+  offset = 0
+  for part in (refresh, reuse):
+    if part is None:
+      shapes.append(None)
+      continue
+    b, w = part.tokens.shape
+    index = offset + jnp.arange(b * w, dtype=jnp.int32).reshape(b, w)
+    if part is refresh:
+      lay_refresh = RefreshLayout(index, refresh.lengths)
+    else:
+      lay_reuse = ReuseLayout(index, jnp.full((b,), w, jnp.int32), reuse.new_len, reuse.slots)
+    tokens.append(part.tokens.reshape(-1))
+    positions.append(part.positions.reshape(-1))
+    shapes.append((b, w))
+    offset += b * w
+  flat = FlatTokens(jnp.concatenate(tokens), jnp.concatenate(positions),
+                    jnp.arange(offset, dtype=jnp.int32))
+  hidden, cache = flat_forward(model, flat, lay_refresh, lay_reuse, cache, select, st, axis)
+  out, start = [], 0
+  for shape in shapes:
+    if shape is None:
+      out.append(None)
+      continue
+    out.append(hidden[start:start + shape[0] * shape[1]].reshape(*shape, -1))
+    start += shape[0] * shape[1]
+  return out[0], out[1], cache

@@ -3,8 +3,9 @@
 Load: single ``model.safetensors`` or shards listed in ``model.safetensors.index.json``; tensors are
 read lazily as numpy (``safe_open(framework="np")``, never onto an accelerator twice), checked
 against the expected name set and shapes, transposed from torch ``[out, in]`` to our ``[in, out]``
-kernels and cast to the parameter dtype. Export writes exactly the same names, sharded by a max
-shard size with an index, so ``load(export(p)) == p``.
+kernels, cast to the parameter dtype and stacked over layers (the model keeps every layer
+parameter as one ``[L, ...]`` array, run under ``lax.scan``). Export unstacks and writes exactly
+the same names, sharded by a max shard size with an index, so ``load(export(p)) == p``.
 """
 
 from __future__ import annotations
@@ -25,35 +26,36 @@ from dllm_jax.model.transformer import Transformer, abstract_model
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# (HF name pattern, our path, transpose). "{i}" is the layer index.
+# (HF name pattern, our path, transpose). "{i}" is the layer index: layer i of our stacked
+# [L, ...] parameter at that path.
 _LLADA = [
     ("model.transformer.wte.weight", "embed", False),
-    ("model.transformer.blocks.{i}.attn_norm.weight", "layers.{i}.attn_norm.weight", False),
-    ("model.transformer.blocks.{i}.q_proj.weight", "layers.{i}.attn.q_proj.kernel", True),
-    ("model.transformer.blocks.{i}.k_proj.weight", "layers.{i}.attn.k_proj.kernel", True),
-    ("model.transformer.blocks.{i}.v_proj.weight", "layers.{i}.attn.v_proj.kernel", True),
-    ("model.transformer.blocks.{i}.attn_out.weight", "layers.{i}.attn.o_proj.kernel", True),
-    ("model.transformer.blocks.{i}.ff_norm.weight", "layers.{i}.mlp_norm.weight", False),
-    ("model.transformer.blocks.{i}.ff_proj.weight", "layers.{i}.mlp.gate_proj.kernel", True),
-    ("model.transformer.blocks.{i}.up_proj.weight", "layers.{i}.mlp.up_proj.kernel", True),
-    ("model.transformer.blocks.{i}.ff_out.weight", "layers.{i}.mlp.down_proj.kernel", True),
+    ("model.transformer.blocks.{i}.attn_norm.weight", "layers.attn_norm.weight", False),
+    ("model.transformer.blocks.{i}.q_proj.weight", "layers.attn.q_proj.kernel", True),
+    ("model.transformer.blocks.{i}.k_proj.weight", "layers.attn.k_proj.kernel", True),
+    ("model.transformer.blocks.{i}.v_proj.weight", "layers.attn.v_proj.kernel", True),
+    ("model.transformer.blocks.{i}.attn_out.weight", "layers.attn.o_proj.kernel", True),
+    ("model.transformer.blocks.{i}.ff_norm.weight", "layers.mlp_norm.weight", False),
+    ("model.transformer.blocks.{i}.ff_proj.weight", "layers.mlp.gate_proj.kernel", True),
+    ("model.transformer.blocks.{i}.up_proj.weight", "layers.mlp.up_proj.kernel", True),
+    ("model.transformer.blocks.{i}.ff_out.weight", "layers.mlp.down_proj.kernel", True),
     ("model.transformer.ln_f.weight", "final_norm.weight", False),
     ("model.transformer.ff_out.weight", "lm_head.kernel", True),
 ]
 _DREAM = [
     ("model.embed_tokens.weight", "embed", False),
-    ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight", False),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers.{i}.attn.q_proj.kernel", True),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers.{i}.attn.q_proj.bias", False),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers.{i}.attn.k_proj.kernel", True),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers.{i}.attn.k_proj.bias", False),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v_proj.kernel", True),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v_proj.bias", False),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o_proj.kernel", True),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight", False),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.kernel", True),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.kernel", True),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj.kernel", True),
+    ("model.layers.{i}.input_layernorm.weight", "layers.attn_norm.weight", False),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers.attn.q_proj.kernel", True),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers.attn.q_proj.bias", False),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers.attn.k_proj.kernel", True),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers.attn.k_proj.bias", False),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers.attn.v_proj.kernel", True),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers.attn.v_proj.bias", False),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers.attn.o_proj.kernel", True),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers.mlp_norm.weight", False),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers.mlp.gate_proj.kernel", True),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers.mlp.up_proj.kernel", True),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers.mlp.down_proj.kernel", True),
     ("model.norm.weight", "final_norm.weight", False),
     ("lm_head.weight", "lm_head.kernel", True),
 ]
@@ -63,16 +65,17 @@ class CheckpointError(ValueError):
   """A checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
 
 
-def name_map(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
-  """HF tensor name -> (our dotted param path, transpose?) for every tensor of ``cfg``."""
+def name_map(cfg: ModelConfig) -> dict[str, tuple[str, int | None, bool]]:
+  """HF tensor name -> (our dotted param path, layer index or None, transpose?) for every tensor
+  of ``cfg``. A layer tensor is slice [i] of our stacked [L, ...] parameter."""
   table = _LLADA if cfg.family == "llada" else _DREAM
   out = {}
   for hf, ours, t in table:
     if "{i}" in hf:
       for i in range(cfg.num_layers):
-        out[hf.format(i=i)] = (ours.format(i=i), t)
+        out[hf.format(i=i)] = (ours, i, t)
     else:
-      out[hf] = (ours, t)
+      out[hf] = (ours, None, t)
   return out
 
 
@@ -133,8 +136,9 @@ def load_params(path: str, cfg: ModelConfig, *, param_dtype=jnp.float32) -> dict
         if name in seen:
           raise CheckpointError(f"tensor {name!r} appears in more than one shard")
         seen.add(name)
-        ours, transpose = expected[name]
-        want = tuple(abstract[ours].shape)
+        ours, layer, transpose = expected[name]
+        full = tuple(abstract[ours].shape)
+        want = full[1:] if layer is not None else full
         want_hf = want[::-1] if transpose else want
         got = tuple(fh.get_slice(name).get_shape())
         if got != want_hf:
@@ -143,8 +147,13 @@ def load_params(path: str, cfg: ModelConfig, *, param_dtype=jnp.float32) -> dict
           arr = fh.get_tensor(name)
         except Exception as e:
           raise CheckpointError(f"tensor {name!r} could not be read ({e})") from None
-        arr = arr.T if transpose else arr
-        flat[ours] = np.ascontiguousarray(arr.astype(np.dtype(param_dtype)))
+        arr = (arr.T if transpose else arr).astype(np.dtype(param_dtype))
+        if layer is None:
+          flat[ours] = np.ascontiguousarray(arr)
+        else:  # stack in place: one [L, ...] host buffer per parameter
+          if ours not in flat:
+            flat[ours] = np.empty(full, np.dtype(param_dtype))
+          flat[ours][layer] = arr
   missing = sorted(set(expected) - seen)
   if missing:
     raise CheckpointError(f"missing tensor {missing[0]!r}" +
@@ -179,10 +188,10 @@ def model_from_pure(cfg: ModelConfig, pure: dict, *, param_dtype=jnp.float32) ->
 
 def export_tensors(model: Transformer, *, dtype=None) -> dict[str, np.ndarray]:
   """Our params -> {HF name: numpy array in torch [out, in] layout}."""
-  flat = _flat_params(model)
+  flat = {k: np.asarray(v) for k, v in _flat_params(model).items()}
   out = {}
-  for hf, (ours, transpose) in name_map(model.cfg).items():
-    arr = np.asarray(flat[ours])
+  for hf, (ours, layer, transpose) in name_map(model.cfg).items():
+    arr = flat[ours] if layer is None else flat[ours][layer]
     if dtype is not None:
       arr = arr.astype(np.dtype(dtype))
     out[hf] = np.ascontiguousarray(arr.T if transpose else arr)

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dllm_jax.config import ModelConfig
-from dllm_jax.model.attention import dense_attention
 from dllm_jax.model.layers import Linear, RMSNorm, rope
 
 
@@ -63,11 +62,6 @@ class Attention(nnx.Module):
     v = self.v_proj(h).reshape(*lead, -1, self.head_dim)
     return rope(q, positions, self.theta), rope(k, positions, self.theta), v
 
-  def __call__(self, h: jax.Array, positions: jax.Array, lengths: jax.Array) -> jax.Array:
-    q, k, v = self.qkv(h, positions)
-    o = dense_attention(q, k, v, lengths)
-    b, t = h.shape[:2]
-    return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
 
 
 class MLP(nnx.Module):
@@ -84,6 +78,8 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+  """One transformer layer's parameters. The model holds ONE Block whose parameters are stacked
+  over layers ([L, ...]); the forward runs it under ``lax.scan`` (dllm_jax/model/fused.py)."""
 
   def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
@@ -91,20 +87,28 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
     self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, positions, lengths):
-    x = x + self.attn(self.attn_norm(x), positions, lengths)
-    return x + self.mlp(self.mlp_norm(x))
+
+def stack_blocks(blocks: list[Block]) -> Block:
+  """One Block whose parameters are the given blocks' stacked on a leading layer axis."""
+  graphdef, _ = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks])
+  return nnx.merge(graphdef, stacked)
 
 
 class Transformer(nnx.Module):
-  """Bidirectional LLaDA / Dream transformer. ``param_dtype``: float32 on CPU, bfloat16 on GPU."""
+  """Bidirectional LLaDA / Dream transformer. ``param_dtype``: float32 on CPU, bfloat16 on GPU.
+
+  ``layers`` is one :class:`Block` with every parameter stacked over the L layers (so each step
+  executable holds one layer body, whatever the depth); :meth:`layer` gives one layer's view.
+  """
 
   def __init__(self, cfg: ModelConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = nnx.Param(
         jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
-    self.layers = nnx.List([Block(cfg, dtype=param_dtype, rngs=rngs)
-                            for _ in range(cfg.num_layers)])
+    # Built one by one, then stacked: the same random draws as a per-layer list.
+    self.layers = stack_blocks([Block(cfg, dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=param_dtype)
     self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=param_dtype,
                           rngs=rngs)
@@ -113,12 +117,20 @@ class Transformer(nnx.Module):
   def dtype(self):
     return self.embed[...].dtype
 
+  def layer(self, i: int) -> Block:
+    """Layer i's parameters as a plain Block (a copy; for inspection, tests and notebooks)."""
+    if not 0 <= i < self.cfg.num_layers:
+      raise IndexError(f"layer {i} of a {self.cfg.num_layers}-layer model")
+    graphdef, state = nnx.split(self.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[i], state))
+
   def refresh(self, tokens: jax.Array, positions: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Full forward over right-padded rows: tokens/positions [B, N], lengths [B] -> [B, N, d]."""
-    x = jnp.take(self.embed[...], tokens, axis=0)
-    for layer in self.layers:
-      x = layer(x, positions, lengths)
-    return self.final_norm(x)
+    """Full forward over right-padded rows: tokens/positions [B, N], lengths [B] -> [B, N, d].
+
+    The same layer body as the engine's fused step (dllm_jax/model/fused.py)."""
+    from dllm_jax.model.fused import step_forward
+    hidden, _, _ = step_forward(self, RefreshPart(tokens, positions, lengths), None)
+    return hidden
 
   def __call__(self, batch: StepBatch) -> jax.Array:
     if batch.reuse is not None:

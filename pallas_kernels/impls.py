@@ -1,0 +1,10 @@
+"""The kernel implementation names (no imports: the CLI and configs read it without jax).
+
+auto       the Pallas kernel on a GPU, the jnp reference elsewhere
+pallas     the Pallas kernel (GPU; lowers for 'cuda' on any machine)
+reference  plain jnp (the CPU path and the oracle)
+interpret  the Pallas kernel under the CPU interpreter (tests)
+callback   test-only: the kernel's operands through an opaque jax.pure_callback
+"""
+
+KERNEL_IMPLS = ("auto", "pallas", "reference", "interpret", "callback")
