@@ -25,12 +25,24 @@ def add_compile_cache_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _use(p: argparse.ArgumentParser, module: str, add: str, run: str, *, cache: bool) -> None:
-  """Give ``p`` the flags ``module.add`` defines and ``module.run`` as its runner."""
+  """Give ``p`` the flags ``module.add`` defines and ``module.run`` as its runner; with
+  ``cache``, also --no-compile-cache. A command with its own --compile-cache DIR flag keeps
+  managing its cache (the default one is not turned on) and --no-compile-cache empties DIR."""
   mod = importlib.import_module(module)
   getattr(mod, add)(p)
+  runner = getattr(mod, run)
   if cache:
     add_compile_cache_flag(p)
-  p.set_defaults(func=getattr(mod, run))
+    if "--compile-cache" in p._option_string_actions:
+      p.set_defaults(own_compile_cache=True)
+      runner = functools.partial(_own_cache_off, runner)
+  p.set_defaults(func=runner)
+
+
+def _own_cache_off(run, args) -> int:
+  if args.no_compile_cache:
+    args.compile_cache = ""
+  return run(args)
 
 
 # generate ------------------------------------------------------------------------------------
@@ -168,22 +180,14 @@ def setup_serve(p: argparse.ArgumentParser) -> None:
 
 def setup_ablate(p: argparse.ArgumentParser) -> None:
   _use(p, "dllm_jax.bench.ablation", "add_args", "run", cache=True)
-  # ablate keeps its own cache directory (--compile-cache); --no-compile-cache empties it.
-  p.set_defaults(func=_run_ablate, own_compile_cache=True)
-
-
-def _run_ablate(args) -> int:
-  from dllm_jax.bench import ablation
-  if args.no_compile_cache:
-    args.compile_cache = ""
-  return ablation.run(args)
 
 
 # bench ---------------------------------------------------------------------------------------
 
 BENCHES = (  # name, help, module (exposing add_args(parser) and run(args))
     ("serve", "run a workload against the engine (or --url server)", "dllm_jax.bench.driver"),
-    ("e2e", "end-to-end: the HTTP server under a workload", "dllm_jax.bench.e2e"),
+    ("e2e", "the engine end to end on random weights at a preset's width",
+     "dllm_jax.bench.e2e"),
     ("logits", "logit variants: peak activation bytes and time", "dllm_jax.bench.logits_bench"),
     ("attention", "Reuse attention: dense vs sparse", "dllm_jax.bench.attention_bench"),
     ("sparse-quality", "agreement of sparse modes with dense decoding",

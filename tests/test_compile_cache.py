@@ -113,3 +113,23 @@ def test_no_compile_cache_leaves_the_directory_alone(tmp_path):
   _, where, n, hits, compiled, written = _generate(cache, "--no-compile-cache")
   assert where == "off" and hits == 0 and written == 0 and compiled == n
   assert not cache.exists() or _files(cache) == set()
+
+
+def test_commands_with_their_own_cache_flag_keep_it(monkeypatch):
+  """ablate and bench e2e manage their cache with --compile-cache DIR: the CLI does not turn the
+  default one on for them, and --no-compile-cache empties DIR."""
+  from dllm_jax import cli
+  from dllm_jax.bench import ablation
+  seen = []
+  monkeypatch.setattr(ablation, "run", lambda args: seen.append(args.compile_cache) or 0)
+  p = cli.build_parser()
+  on = p.parse_args(["ablate", "--out", "x"])
+  off = p.parse_args(["ablate", "--out", "x", "--no-compile-cache"])
+  assert on.own_compile_cache and on.compile_cache
+  assert on.func(on) == 0 and off.func(off) == 0
+  assert seen == [on.compile_cache, ""]
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  cli._enable_compile_cache(on)
+  assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+  serve = p.parse_args(["bench", "serve"])
+  assert not getattr(serve, "own_compile_cache", False) and serve.no_compile_cache is False
