@@ -1,11 +1,12 @@
 """No recompilation in steady state (DESIGN.md §3: fixed bucketed shapes, every compile counted).
 
-``EngineCore.warmup`` compiles every bucket of the configuration once; a steady mixed workload
+``EngineCore.warmup("full")`` compiles every bucket of the configuration's shape grid once
+(dllm_jax/engine/grid.py), exactly ``executable_bound()`` executables; a steady mixed workload
 (dense and sparse requests, Refresh / Select / Reuse rows in the same steps) then runs a warm-up
 pass, and the same workload shape again (other tokens, other seeds) must compile nothing:
 ``Runner.compile_count`` does not move, no XLA compilation happens at all (jax.monitoring), and
-the loop runs under ``jax.no_tracing()``. The executables stay within the bound documented in
-dllm_jax/engine/runner.py (``executable_bound``).
+the loop runs under ``jax.no_tracing()``. A mixed workload of 200 requests (random lengths,
+blocks, rules, confidence kinds incl. margin / entropy, sparse settings) compiles nothing either.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ import pytest
 from dllm_jax.cache.sparse_state import SparseConfig
 from dllm_jax.config import EngineConfig, ModelConfig, SamplingParams
 from dllm_jax.engine.engine import LLM
-from dllm_jax.engine.runner import bucket_sizes, executable_bound
+from dllm_jax.engine.grid import Grid, Shapes
 from dllm_jax.model.transformer import init_model
 
 MASK, EOS = 63, 62
 LLADA = dict(model_type="llada", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
              mlp_hidden_size=48, vocab_size=64, embedding_size=64, max_sequence_length=128,
              rope_theta=5e5, rms_norm_eps=1e-5, mask_token_id=MASK, eos_token_id=EOS)
-# Buckets: Br in {0, 1, 2}, N in {32}, Bu in {0, 1, 2}, C in {8}.
+# Buckets: T in {32, 48, 64, 96, 128} (two per octave up to the token budget), N in {0, 32}
+# (max_model_len 32): 10 executables.
 CFG = EngineConfig(max_running=4, token_budget=128, max_model_len=32, max_refresh_rows=2,
                    max_reuse_rows=2, num_pages=24, page_size=16, max_block_length=8,
                    logits="rows")
-BOUND = executable_bound(CFG.max_refresh_rows, 32, CFG.max_reuse_rows, CFG.max_block_length)
+BOUND = 10
 
 PROMPT_LENS = [5, 9, 3, 12, 7, 4]
 ARRIVE = [0, 0, 1, 3, 4, 6]
@@ -50,7 +52,7 @@ def workload(seed: int):
   return prompts, sps
 
 
-def run(llm: LLM, prompts, sps, arrive=ARRIVE, sparses=SPARSE):
+def run(llm: LLM, prompts, sps, arrive=ARRIVE, sparses=SPARSE, max_steps=5000):
   """add_request at the arrival steps, step until drained; returns (outputs, step shapes)."""
   core = llm.core
   shapes = []
@@ -67,25 +69,35 @@ def run(llm: LLM, prompts, sps, arrive=ARRIVE, sparses=SPARSE):
     if core.stats.steps > ran:
       shapes.append(core.stats.phase_mix[-1])
     step += 1
-    assert step < 500
+    assert step < max_steps
   assert core.pages.num_free == core.pages.capacity and not core.scheduler.running
   return [outs[f"w{i}"] for i in range(len(prompts))], shapes
 
 
 class Recorder:
-  """Wraps the runner and records each executed step's bucket (Br, N, Bu, Lq, C)."""
+  """Wraps the runner and records each compiled and each executed step's bucket (T, N, Br, Bu,
+  Lq, K), read off the StepInputs themselves."""
 
   def __init__(self, inner):
-    self._inner, self.buckets = inner, []
+    self._inner, self.buckets, self.compiled = inner, [], []
 
   def __getattr__(self, name):
     return getattr(self._inner, name)
 
-  def step(self, cache, inp, static):
-    br, n = inp.refresh.tokens.shape if inp.refresh is not None else (0, 0)
-    bu, lq = inp.reuse.tokens.shape if inp.reuse is not None else (0, 0)
-    self.buckets.append((br, n, bu, lq, inp.cand.src.shape[1]))
-    return self._inner.step(cache, inp, static)
+  @staticmethod
+  def bucket(inp):
+    br, n = inp.refresh.index.shape if inp.refresh is not None else (0, 0)
+    bu, lq = inp.reuse.index.shape
+    return (inp.flat.tokens.shape[0], n, br, bu, lq, inp.cand.src.shape[0])
+
+  def compile(self, key, static, cache, inp):
+    if key not in self._inner.executables:
+      self.compiled.append(self.bucket(inp))
+    return self._inner.compile(key, static, cache, inp)
+
+  def step(self, cache, inp, key, static):
+    self.buckets.append(self.bucket(inp))
+    return self._inner.step(cache, inp, key, static)
 
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -131,7 +143,7 @@ def llm(all_compiles):
 def warmed(llm):
   """EngineCore.warmup over every bucket of the configuration: its new compiles."""
   assert llm.core.runner.compile_count == 0
-  return llm.core.warmup(lengths=(32,), block_lengths=(8,))
+  return llm.core.warmup("full")
 
 
 @pytest.fixture(scope="module")
@@ -144,28 +156,29 @@ def first_pass(llm, warmed):
   return dict(outs=outs, mix=mix, traces=runner.compile_count - traces, compiles=names)
 
 
-def test_documented_bound():
-  # runner.py: |C| * ((|Br| * |N| + 1) * (|Bu| + 1) - 1) with Br {1, 2}, N {32}, Bu {1, 2}, C {8}
-  assert bucket_sizes(1, 2) == [1, 2] and bucket_sizes(32, 32) == [32]
-  assert BOUND == 1 * ((2 * 1 + 1) * (2 + 1) - 1) == 8
-  assert executable_bound(16, 4096, 32, 128) == 5 * ((5 * 8 + 1) * (6 + 1) - 1)
+def test_documented_bound(llm):
+  # grid.py: one executable per (T, N); T in {32, 48, 64, 96, 128}, N in {0, 32} for each.
+  assert llm.core.grid.tokens == (32, 48, 64, 96, 128)
+  assert all(llm.core.grid.lengths_for(t) == [0, 32] for t in llm.core.grid.tokens)
+  assert llm.core.executable_bound() == BOUND
 
 
 def test_warmup_compiles_every_bucket_once(llm, warmed):
   runner = llm.core.runner
   assert warmed == BOUND == runner.compile_count
-  warm_buckets = runner.buckets[:BOUND]
-  assert len(set(warm_buckets)) == BOUND
-  for br, n, bu, lq, c in warm_buckets:
-    assert br in (0, 1, 2) and bu in (0, 1, 2) and (br or bu) and c == 8
-    assert n == (32 if br else 0) and lq == (8 if bu else 0)
+  assert len(set(runner.compiled)) == len(runner.compiled) == BOUND
+  for t, n, br, bu, lq, k in runner.compiled:
+    assert t in (32, 48, 64, 96, 128) and n in (0, 32)
+    # Br(T, N) = min(2, T // 16), Bu(T) = min(2, T // 4), Lq = 8, K = min(T, (Br + Bu) * 8)
+    assert br == (min(2, t // 16) if n else 0) and bu == 2 and lq == 8
+    assert k == min(t, (br + bu) * 8)
 
 
 def test_first_pass_is_mixed_and_bucketed(llm, first_pass):
   assert any(r and u for r, u in first_pass["mix"]), "the workload never mixed phases"
   assert all(MASK not in o.token_ids for o in first_pass["outs"])
-  assert first_pass["traces"] == 0  # every bucket it reached was traced by warmup
-  assert set(llm.core.runner.buckets) <= set(llm.core.runner.buckets[:BOUND])
+  assert first_pass["traces"] == 0  # every bucket it reached was compiled by warmup
+  assert set(llm.core.runner.buckets) <= set(llm.core.runner.compiled)
 
 
 def test_first_pass_after_warmup_compiles_no_step(first_pass):
@@ -203,6 +216,50 @@ def test_other_mix_within_the_buckets_compiles_nothing(llm, first_pass):
     outs, _ = run(llm, prompts, sps, [int(a) for a in rng.integers(0, 10, 7)], sparses)
   assert names == [] and runner.compile_count == BOUND
   assert all(MASK not in o.token_ids for o in outs)
+
+
+def mixed_workload(rng, n: int):
+  """``n`` random requests: prompt 0-24 tokens, gen 8 / 16 / 24 (canvas <= 32), blocks 4 / 8,
+  every rule and confidence kind (margin / entropy included), temperatures, EOS stop or not,
+  dense or sparse with random keep / selection / delay."""
+  prompts, sps, sparses = [], [], []
+  for i in range(n):
+    gen = int(rng.choice([8, 16, 24]))
+    block = int(rng.choice([b for b in (4, 8) if gen % b == 0]))
+    rule = str(rng.choice(["fixed", "threshold", "factor"]))
+    prompts.append([int(t) for t in rng.integers(0, 62, int(rng.integers(0, 32 - gen + 1)))])
+    sps.append(SamplingParams(
+        gen_length=gen, block_length=block, steps=gen, rule=rule,
+        confidence=str(rng.choice(["low_confidence", "random", "margin", "entropy"])),
+        temperature=float(rng.choice([0.0, 0.8])), seed=i, stop_on_eos=bool(rng.random() < .5)))
+    sparses.append(None if rng.random() < 0.4 else SparseConfig(
+        keep_ratio=float(rng.choice([0.25, 0.5, 1.0])), delay=int(rng.integers(0, 3)),
+        selection=str(rng.choice(["shared", "per_head", "per_head_adaptive"]))))
+  return prompts, sps, sparses
+
+
+def test_mixed_workload_of_200_requests_compiles_nothing(llm, first_pass):
+  runner = llm.core.runner
+  rng = np.random.default_rng(200)
+  prompts, sps, sparses = mixed_workload(rng, 200)
+  arrive = sorted(int(a) for a in rng.integers(0, 400, 200))
+  with backend_compiles() as names:
+    outs, _ = run(llm, prompts, sps, arrive, sparses)
+  assert names == [] and runner.compile_count == BOUND
+  assert len(outs) == 200 and all(MASK not in o.token_ids for o in outs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3))
+def test_long_randomized_workloads_compile_nothing(llm, first_pass, seed):
+  runner = llm.core.runner
+  rng = np.random.default_rng(1000 + seed)
+  prompts, sps, sparses = mixed_workload(rng, 1000)
+  arrive = sorted(int(a) for a in rng.integers(0, 1500, 1000))
+  with backend_compiles() as names:
+    outs, _ = run(llm, prompts, sps, arrive, sparses, max_steps=20000)
+  assert names == [] and runner.compile_count == BOUND
+  assert len(outs) == 1000 and all(MASK not in o.token_ids for o in outs)
 
 
 def test_step_executables_within_documented_bound(llm, first_pass, all_compiles):

@@ -205,86 +205,25 @@ def require_budgeter() -> None:
 # Warm-up -------------------------------------------------------------------------------------
 
 
-def reachable_shapes(core, lengths: Sequence[int], block_lengths: Sequence[int]):
-  """The step buckets a workload with these canvas / block lengths can reach under ``core``'s
-  config: EngineCore.warmup's grid (every row bucket up to the caps), less the shapes no step
-  can have -- over the activation budget, more rows than ``max_running`` (static: than its batch
-  cap) can fill, or Reuse rows for a dense-only engine."""
-  from dllm_jax.engine.batch import Shapes
-  from dllm_jax.engine.runner import bucket_sizes, pow2_at_least
-  cfg, mcfg = core.cfg, core.mcfg
-  ns = sorted({min(pow2_at_least(n, 32), core.max_len_bucket) for n in lengths})
-  cs = sorted({pow2_at_least(b, 8) for b in block_lengths})
-  brs = [0] + bucket_sizes(1, cfg.max_refresh_rows)
-  bus = [0] + (bucket_sizes(1, cfg.max_reuse_rows) if cfg.sparse is not None else [])
-  least = lambda b: b // 2 + 1 if b > 1 else b  # fewest real rows in row bucket b
-  cap = cfg.max_running
-  if cfg.scheduler == "static":
-    cap = min(cap, cfg.max_refresh_rows, cfg.max_reuse_rows)
-  q_extra = 1 if mcfg.shifted_prediction else 0
-  out = []
-  for c in cs:
-    for br in brs:
-      for n in (ns if br else [0]):
-        for bu in bus:
-          if (br == 0 and bu == 0) or least(br) + least(bu) > cap:
-            continue
-          s = Shapes(br, n, bu, c + q_extra, c)
-          if (cfg.activation_budget_bytes is not None
-              and core.step_activation_bytes(s) > cfg.activation_budget_bytes):
-            continue
-          out.append(s)
-  return out
+def warmup(core, lengths: Sequence[int]) -> tuple[int, int]:
+  """Compile every bucket of the engine's own grid that canvases of these lengths can reach
+  (``EngineCore.warmup("full", lengths=...)``). Returns (new compilations, buckets)."""
+  shapes = core.warmup_shapes("full", lengths)
+  return core.warmup("full", lengths=lengths), len(shapes)
 
 
-def warmup(core, lengths: Sequence[int], block_lengths: Sequence[int]) -> int:
-  """Compile every reachable bucket (as ``EngineCore.warmup``, on :func:`reachable_shapes`).
-  Returns the number of new compilations."""
-  import jax
-
-  from dllm_jax.engine.batch import dummy_step
-  before = core.runner.compile_count
-  for shapes in reachable_shapes(core, lengths, block_lengths):
-    inp = dummy_step(core.mcfg, shapes, max_slots=core.pool_cfg.max_slots,
-                     reserved_width=core.reserved_width)
-    core.cache, x0, _ = core.runner.step(core.cache, inp, core._static(shapes, False, False))
-    jax.block_until_ready(x0)
-  return core.runner.compile_count - before
-
-
-# One rung ------------------------------------------------------------------------------------
-
-
-class _Recorder:
-  """Wraps ``core.runner.step`` during the timed run: each step's bucket shapes and the KV
-  pages / requests in use (host-side bookkeeping only; no device sync)."""
-
-  def __init__(self, core):
-    self.core, self.shapes, self.pages_max, self.running_max = core, [], 0, 0
-    inner = core.runner.step
-
-    def step(cache, inp, static):
-      br, n = inp.refresh.tokens.shape if inp.refresh is not None else (0, 0)
-      bu, lq = inp.reuse.tokens.shape if inp.reuse is not None else (0, 0)
-      self.shapes.append((br, n, bu, lq, int(inp.cand.src.shape[1])))
-      self.pages_max = max(self.pages_max, core.pages.capacity - core.pages.num_free)
-      self.running_max = max(self.running_max, len(core.scheduler.running))
-      return inner(cache, inp, static)
-
-    core.runner.step = step
-
-  def close(self) -> dict:
-    from dllm_jax.engine.batch import Shapes
-    del self.core.runner.step  # back to the class method
-    distinct = sorted(set(self.shapes))
-    est = {s: self.core.step_activation_bytes(Shapes(*s)) for s in distinct}
-    counts = {s: self.shapes.count(s) for s in distinct}
-    peak = max(est.values(), default=0)
-    return dict(activation_peak_bytes=int(peak), kv_pages_peak=int(self.pages_max),
-                running_peak=int(self.running_max),
-                step_shapes=[dict(refresh_rows=s[0], length=s[1], reuse_rows=s[2],
-                                  query_rows=s[3], cand=s[4], steps=counts[s],
-                                  activation_bytes=int(est[s])) for s in distinct])
+def step_record(core) -> dict:
+  """What the engine's telemetry says about the timed run: each bucket's steps and activation
+  estimate, the KV pages and requests in use at their peak, and the padding waste."""
+  st = core.stats
+  counts = st.shape_counts
+  est = {s: core.step_activation_bytes(s) for s in counts}
+  return dict(activation_peak_bytes=int(max(est.values(), default=0)),
+              kv_pages_peak=int(st.kv_pages_peak), running_peak=int(st.running_peak),
+              padding_waste=st.bucket_tokens / st.tokens if st.tokens else None,
+              step_shapes=[dict(tokens=s.tokens, length=s.length, steps=counts[s],
+                                activation_bytes=int(est[s]))
+                           for s in sorted(counts, key=lambda s: (s.tokens, s.length))])
 
 
 @dataclasses.dataclass
@@ -315,14 +254,12 @@ def prepare_rung(rung: Rung, model, engine_cfg, items: Sequence[W.WorkItem], *,
   if runner is not None:
     core.runner = runner
   lengths = [len(it.prompt) + it.gen_length for it in items]
-  blocks = sorted({sampling_params_for(it, base_params).block_length for it in items})
   t0 = time.perf_counter()
-  compiles = warmup(core, lengths, blocks)
+  compiles, buckets = warmup(core, lengths)
   warm_s = time.perf_counter() - t0
   log(f"  [{rung.key}] warm-up: {compiles} new executables in {warm_s:.1f} s; "
       f"KV pool {core.pool_cfg.num_pages} pages")
-  return Prepared(rung, llm, engine_cfg, compiles, warm_s,
-                  len(reachable_shapes(core, lengths, blocks)))
+  return Prepared(rung, llm, engine_cfg, compiles, warm_s, buckets)
 
 
 def timed_run(prep: Prepared, items: Sequence[W.WorkItem], *, base_params: dict,
@@ -332,13 +269,11 @@ def timed_run(prep: Prepared, items: Sequence[W.WorkItem], *, base_params: dict,
   from dllm_jax.bench.driver import run_workload
   llm, rung = prep.llm, prep.rung
   load0 = _loadavg()
-  rec = _Recorder(llm.core)
+  llm.core.stats = type(llm.core.stats)()  # this run's telemetry only
   cpu0 = time.process_time()
-  try:
-    result = run_workload(llm, items, progress=progress, base_params=base_params,
-                          workload=workload)
-  finally:
-    observed = rec.close()
+  result = run_workload(llm, items, progress=progress, base_params=base_params,
+                        workload=workload)
+  observed = step_record(llm.core)
   cpu_s = time.process_time() - cpu0
   llm._outputs.clear()  # the LLM keeps every step() result (see tests/test_engine.py)
   result["ablation"] = dict(

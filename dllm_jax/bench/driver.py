@@ -66,20 +66,13 @@ def memory_info(llm) -> dict:
   configured activation budget when one is set. It bounds, not measures, the run's peak.
   """
   from dllm_jax.engine import memory
-  from dllm_jax.engine.batch import Shapes
-  from dllm_jax.engine.runner import pow2_at_least
   core, cfg, mcfg = llm.core, llm.engine_config, llm.cfg
   weights = memory.weights_bytes(mcfg, core.dtype)
   pool = core.pool_cfg.pool_bytes
   peak = cfg.activation_budget_bytes
   if peak is None:
-    cand = pow2_at_least(cfg.max_block_length, 8)
-    rows = min(cfg.max_refresh_rows, max(1, cfg.token_budget // core.max_len_bucket))
-    shapes = Shapes(refresh_rows=pow2_at_least(rows), length=core.max_len_bucket,
-                    reuse_rows=pow2_at_least(cfg.max_reuse_rows),
-                    query_rows=cand + (1 if mcfg.shifted_prediction else 0), cand=cand)
-    try:
-      peak = core.step_activation_bytes(shapes)
+    try:  # the largest bucket of the engine's grid
+      peak = max(core.step_activation_bytes(s) for s in core.shapes())
     except ImportError:  # the logit budgeter's model is unavailable: report no estimate
       peak = None
   return dict(weights_bytes=int(weights), kv_pool_bytes=int(pool),
@@ -97,9 +90,7 @@ def model_info(llm) -> dict:
 
 
 def _stats_snapshot(stats) -> dict:
-  d = dataclasses.asdict(stats)
-  d["phase_mix"] = list(d["phase_mix"])
-  return d
+  return stats.as_dict()
 
 
 # In-process driver ---------------------------------------------------------------------------
@@ -365,9 +356,7 @@ def _warmup(llm, items, base_params, mode: str) -> None:
     llm.generate([list(it.prompt) if not isinstance(it.prompt, str) else it.prompt
                   for it in sample], [sampling_params_for(it, base_params) for it in sample])
   elif mode == "full":
-    sps = [sampling_params_for(it, base_params) for it in items]
-    llm.core.warmup(lengths=[len(it.prompt) + it.gen_length for it in items],
-                    block_lengths=sorted({sp.block_length for sp in sps}))
+    llm.core.warmup("full", lengths=[len(it.prompt) + it.gen_length for it in items])
 
 
 def _print_summary(result: dict) -> None:

@@ -103,8 +103,8 @@ def _summary(values: Sequence[float], qs: Sequence[int]) -> dict:
 def _stats_dict(stats: Any) -> dict:
   if stats is None:
     return {}
-  if dataclasses.is_dataclass(stats):
-    return dataclasses.asdict(stats)
+  if hasattr(stats, "as_dict"):
+    return stats.as_dict()
   return dict(stats)
 
 
@@ -123,6 +123,8 @@ def engine_metrics(stats: Any, compile_count: int | None = None) -> dict:
       committed_tokens=int(s.get("committed_tokens", 0)),
       transfers=int(s.get("transfers", 0)),
       select_rows=int(s.get("select_rows", 0)),
+      tokens=int(s.get("tokens", 0)),
+      padding_waste=(s["bucket_tokens"] / s["tokens"]) if s.get("tokens") else None,
       compilations=compile_count)
   out.update(phase_mix_summary(mix, s.get("refresh_rows"), s.get("reuse_rows"), steps))
   return out
@@ -197,6 +199,11 @@ def stats_delta(before: Mapping, after: Mapping) -> dict:
   for k, v in after.items():
     if k == "phase_mix":  # the engine keeps a bounded history: the newest entries are last
       out[k] = [tuple(m) for m in list(v)[max(0, len(v) - new_steps):]]
+    elif k.endswith("_peak"):  # a running maximum: the run's own peak is not recoverable
+      out[k] = v
+    elif isinstance(v, Mapping):
+      old = before.get(k, {})
+      out[k] = {key: n - old.get(key, 0) for key, n in v.items() if n - old.get(key, 0)}
     else:
       out[k] = v - before.get(k, 0)
   return out

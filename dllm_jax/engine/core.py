@@ -54,9 +54,26 @@ class StepStats:
   host_seconds: float = 0.0
   device_seconds: float = 0.0
   transfers: int = 0
+  tokens: int = 0          # tokens fed (real)
+  bucket_tokens: int = 0   # tokens fed with the bucket's padding: padding waste = this / tokens
+  kv_pages_peak: int = 0   # most KV pages reserved at once (per device)
+  running_peak: int = 0
+  shape_counts: dict = dataclasses.field(default_factory=dict)  # Shapes -> steps run
   phase_mix: list = dataclasses.field(default_factory=list)  # (refresh, reuse), recent steps
 
   HISTORY = 100_000  # phase_mix keeps at most this many recent steps (a server runs forever)
+
+  @property
+  def padding_waste(self) -> float | None:
+    """Tokens fed with bucket padding per real token (1.0 = no padding)."""
+    return self.bucket_tokens / self.tokens if self.tokens else None
+
+  def as_dict(self) -> dict:
+    """A JSON-able snapshot (``shape_counts`` keyed "TxN")."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d["shape_counts"] = {f"{s.tokens}x{s.length}": n for s, n in self.shape_counts.items()}
+    d["phase_mix"] = list(self.phase_mix)
+    return d
 
 
 class EngineCore:
@@ -70,10 +87,7 @@ class EngineCore:
     self.max_len = min(cfg.max_model_len or self.mcfg.max_position, self.mcfg.max_position)
     self.max_len_bucket = pow2_at_least(self.max_len, 32)
     self.dtype = model.dtype
-    self.grid = Grid(max_tokens=cfg.token_budget, max_len_bucket=self.max_len_bucket,
-                     max_refresh_rows=cfg.max_refresh_rows, max_reuse_rows=cfg.max_reuse_rows,
-                     max_block_length=cfg.max_block_length,
-                     shifted=self.mcfg.shifted_prediction)
+    self.grid = Grid.of(cfg, self.mcfg)
     self.refresh_impl = resolve_refresh_impl("auto", self.dtype, self.mcfg.head_dim)
     self.runner = Runner(model, parallel.make_mesh(cfg.tp, devices))
     self.kv_heads = self.runner.layout.kv_heads_per_device
@@ -154,9 +168,16 @@ class EngineCore:
     budget = self.cfg.activation_budget_bytes
     return budget is None or self.step_activation_bytes(shapes) <= budget
 
+  def shapes(self) -> list[Shapes]:
+    """Every bucket a step of this engine can have: the grid's, less those over the activation
+    budget (the scheduler never runs them)."""
+    budget = self.cfg.activation_budget_bytes
+    return [s for s in self.grid.shapes()
+            if budget is None or self.step_activation_bytes(s) <= budget]
+
   def executable_bound(self) -> int:
-    """Step executables this engine can ever compile: one per bucket of its grid."""
-    return len(self.grid.shapes())
+    """Step executables this engine can ever compile: one per bucket of :meth:`shapes`."""
+    return len(self.shapes())
 
   # Intake -------------------------------------------------------------------------------------
   def validate(self, prompt_ids: list[int], sp: SamplingParams, sparse: SparseConfig | None):
@@ -266,7 +287,7 @@ class EngineCore:
       raise ValueError(f"warmup mode: expected one of {WARMUP_MODES}, got {mode!r}")
     if mode == "none":
       return []
-    shapes = self.grid.shapes()
+    shapes = self.shapes()
     if lengths is not None:
       longest = max(pow2_at_least(n, 32) for n in lengths)
       shapes = [s for s in shapes if s.length <= longest]
@@ -356,6 +377,11 @@ class EngineCore:
     st.transfers += 1
     st.device_seconds += t2 - t1
     st.host_seconds += (t1 - t0) + (time.perf_counter() - t2)
+    st.tokens += step_tokens(plan.refresh, plan.reuse, self.mcfg)
+    st.bucket_tokens += shapes.tokens
+    st.kv_pages_peak = max(st.kv_pages_peak, self.pages.capacity - self.pages.num_free)
+    st.running_peak = max(st.running_peak, len(self.scheduler.running))
+    st.shape_counts[shapes] = st.shape_counts.get(shapes, 0) + 1
     st.phase_mix.append((len(plan.refresh), len(plan.reuse)))
     if len(st.phase_mix) > 2 * st.HISTORY:
       del st.phase_mix[:-st.HISTORY]

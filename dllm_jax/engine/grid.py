@@ -59,7 +59,7 @@ class Shapes:
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-  """Static shape rules of one engine (from its EngineConfig and model)."""
+  """Static shape rules of one engine (from its EngineConfig and model: :meth:`of`)."""
 
   max_tokens: int          # token budget (T never exceeds its bucket)
   max_len_bucket: int      # pow2 >= max_model_len
@@ -67,6 +67,14 @@ class Grid:
   max_reuse_rows: int
   max_block_length: int
   shifted: bool            # Dream: one query-only row per Reuse row
+
+  @classmethod
+  def of(cls, cfg, mcfg) -> "Grid":
+    """The grid of an EngineConfig on a ModelConfig (no model or device needed)."""
+    max_len = min(cfg.max_model_len or mcfg.max_position, mcfg.max_position)
+    return cls(max_tokens=cfg.token_budget, max_len_bucket=pow2_at_least(max_len, MIN_LENGTH),
+               max_refresh_rows=cfg.max_refresh_rows, max_reuse_rows=cfg.max_reuse_rows,
+               max_block_length=cfg.max_block_length, shifted=mcfg.shifted_prediction)
 
   @functools.cached_property
   def tokens(self) -> tuple[int, ...]:
