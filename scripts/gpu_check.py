@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +37,9 @@ STATUSES = ("pass", "fail", "error", "timeout", "skipped")
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One stage: its command on a GPU and at toy size (``{raw}``: its result JSON path,
-  ``{out}``: the output directory), the most seconds it may run, and the least it needs."""
+  """One stage: its command on a GPU and at toy size (``{cache}``: this run's scratch directory
+  for compilation caches, outside OUT_DIR; ``--out RESULT.json`` is appended), the most seconds
+  it may run, and the least it needs."""
 
   name: str
   gpu: tuple
@@ -45,19 +47,20 @@ class Stage:
   cap_s: float
   min_s: float
   needs: str | None = None  # a stage that must have passed first
+  flag: str | None = None   # a flag the command must offer (its --help), else skipped
 
 
 E2E = ("-m", "dllm_jax.bench.e2e")
 E2E_8B = ("--config", "llada-8b", "--layers", "32", "--batch", "32", "--block-length", "32",
-          "--gen-length", "64", "--keep-ratio", "0.5", "--compile-cache", "{out}/jax-cache")
+          "--gen-length", "64", "--keep-ratio", "0.5", "--compile-cache", "{cache}/e2e")
 E2E_TOY = ("--config", "bench-small", "--layers", "1", "--hidden-size", "64", "--batch", "2",
            "--block-length", "4", "--gen-length", "8", "--keep-ratio", "0.5", "--repeats", "2",
-           "--compile-cache", "{out}/jax-cache")
+           "--compile-cache", "{cache}/e2e")
 WARM_8B = ("scripts/gpu_warmup.py", "--config", "llada-8b", "--layers", "32",
-           "--cache-dir", "{out}/warmup-cache", "--max-model-len", "256", "--max-running", "2",
+           "--cache-dir", "{cache}/warmup", "--max-model-len", "256", "--max-running", "2",
            "--max-refresh-rows", "1", "--max-reuse-rows", "1", "--max-block-length", "32")
 WARM_TOY = ("scripts/gpu_warmup.py", "--config", "bench-small", "--layers", "1",
-            "--hidden-size", "64", "--cache-dir", "{out}/warmup-cache", "--max-model-len", "64",
+            "--hidden-size", "64", "--cache-dir", "{cache}/warmup", "--max-model-len", "64",
             "--max-running", "2", "--max-refresh-rows", "1", "--max-reuse-rows", "1",
             "--max-block-length", "8")
 
@@ -85,6 +88,9 @@ STAGES = (
                                         "--no-single-phase"),
           E2E + E2E_TOY + ("--prompt-len", "24", "--modes", "none", "--sweep-mode", "dual",
                            "--pool-sweep", "0.5,1", "--device-memory-gb", "0.05"), 600, 90),
+    Stage("logits_calibrate", ("-m", "dllm_jax.cli", "bench", "logits", "--calibrate"),
+          ("-m", "dllm_jax.cli", "bench", "logits", "--calibrate", "--calibrate-rows", "16",
+           "--repeats", "1"), 150, 20, flag="--calibrate"),
     Stage("warmup_cold", WARM_8B, WARM_TOY, 420, 60),
     Stage("warmup_cached", WARM_8B, WARM_TOY, 300, 30, needs="warmup_cold"),
 )
@@ -95,13 +101,13 @@ PROBE = ("import json, jax; d = jax.devices()[0]; print(json.dumps(dict(device=d
          "platform=d.platform)))")
 
 
-def _env(dry: bool, out_dir: str) -> dict:
+def _env(dry: bool, cache: str) -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
   env["JAX_PLATFORMS"] = "cpu" if dry else "cuda"
-  # Stages pick their compile caches (flags); the CLI's default cache goes to the output dir.
+  # Stages pick their compile caches (flags); the CLI's default one goes to the scratch dir.
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  env["DLLM_JAX_CACHE_DIR"] = os.path.join(out_dir, "jax-cache-cli")
+  env["DLLM_JAX_CACHE_DIR"] = os.path.join(cache, "cli")
   env.setdefault("PYTHONUNBUFFERED", "1")
   return env
 
@@ -135,14 +141,15 @@ def _run(argv: list, log: str, timeout: float, env: dict) -> tuple[int | None, f
   return rc, time.perf_counter() - t
 
 
-def _calibrate_flag(env: dict) -> tuple:
-  """``--calibrate`` if this checkout's ``bench logits`` has it."""
+def _offers(cmd: list, flag: str, env: dict) -> bool:
+  """Whether ``cmd --help`` lists ``flag`` (a flag another change may not have landed yet)."""
+  base = [a for a in cmd if a != flag]
   try:
-    out = subprocess.run([PY, "-m", "dllm_jax.cli", "bench", "logits", "--help"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(base + ["--help"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120).stdout
   except (OSError, subprocess.TimeoutExpired):
-    return ()
-  return ("--calibrate",) if "--calibrate" in out else ()
+    return False
+  return flag in out
 
 
 def _write(path: str, obj: dict) -> None:
@@ -152,14 +159,13 @@ def _write(path: str, obj: dict) -> None:
   os.replace(tmp, path)
 
 
-def run_stage(stage: Stage, args, env: dict, info: dict, left: float, done: dict) -> dict:
+def run_stage(stage: Stage, args, env: dict, info: dict, left: float, done: dict,
+              cache: str) -> dict:
   out = args.out_dir
   raw = os.path.join(out, "raw", f"{stage.name}.json")
   log = os.path.join(out, "logs", f"{stage.name}.log")
-  cmd = [PY] + [a.replace("{out}", out) for a in (stage.dry if args.dry_run else stage.gpu)]
+  cmd = [PY] + [a.replace("{cache}", cache) for a in (stage.dry if args.dry_run else stage.gpu)]
   cmd += ["--out", raw]
-  if stage.name == "bench_logits" and not args.dry_run:
-    cmd += list(_calibrate_flag(env))
   rec = dict(stage=stage.name, **info, dry_run=args.dry_run, command=cmd, seconds=0.0,
              returncode=None, result=None, log=log)
   if stage.needs and done.get(stage.needs) != "pass":
@@ -167,8 +173,10 @@ def run_stage(stage: Stage, args, env: dict, info: dict, left: float, done: dict
   if left < stage.min_s:
     return dict(rec, status="skipped",
                 reason=f"time budget spent ({left:.0f} s left, needs {stage.min_s:.0f})")
+  if stage.flag and not _offers(cmd[:cmd.index("--out")], stage.flag, env):
+    return dict(rec, status="skipped", reason=f"this checkout has no {stage.flag}")
   if stage.name == "warmup_cold":  # a cold start means an empty cache
-    shutil.rmtree(os.path.join(out, "warmup-cache"), ignore_errors=True)
+    shutil.rmtree(os.path.join(cache, "warmup"), ignore_errors=True)
   if os.path.exists(raw):
     os.remove(raw)
   timeout = min(stage.cap_s, left)
@@ -207,7 +215,15 @@ def main(argv=None) -> int:
   for sub in ("", "raw", "logs"):
     os.makedirs(os.path.join(args.out_dir, sub), exist_ok=True)
   t0 = time.perf_counter()
-  env = _env(args.dry_run, args.out_dir)
+  cache = tempfile.mkdtemp(prefix="dllm-gpu-check-")  # compile caches: big, never in OUT_DIR
+  try:
+    return _main(args, wanted, cache, t0)
+  finally:
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def _main(args, wanted: list, cache: str, t0: float) -> int:
+  env = _env(args.dry_run, cache)
   summary = dict(dry_run=args.dry_run, budget_s=args.budget_s, stages=[])
   probe = subprocess.run([PY, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
@@ -230,7 +246,7 @@ def main(argv=None) -> int:
     if stage.name not in wanted:
       continue
     left = args.budget_s - (time.perf_counter() - t0)
-    rec = run_stage(stage, args, env, base, left, done)
+    rec = run_stage(stage, args, env, base, left, done, cache)
     done[stage.name] = rec["status"]
     _write(os.path.join(args.out_dir, f"{stage.name}.json"), rec)
     summary["stages"].append(dict(stage=stage.name, status=rec["status"],

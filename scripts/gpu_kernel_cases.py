@@ -82,8 +82,9 @@ def head_case(name, spec, dtype, impl, seed=0) -> dict:
   from pallas_kernels.fused_lm_head import ops
   r, d, v, excl = spec
   rng = np.random.default_rng(seed)
-  hidden = jnp.asarray(rng.standard_normal((r, d)), dtype)
-  head = jnp.asarray(rng.standard_normal((d, v)) * d ** -0.5, dtype)
+  kh, kw_ = jax.random.split(jax.random.PRNGKey(seed))  # on device: the head is 0.5G numbers
+  hidden = jax.random.normal(kh, (r, d), jnp.float32).astype(dtype)
+  head = (jax.random.normal(kw_, (d, v), jnp.float32) * d ** -0.5).astype(dtype)
   temperature = jnp.asarray(np.where(np.arange(r) % 2 == 0, 0.0, 0.7), jnp.float32)
   seed_ = jnp.asarray(rng.integers(0, 2**32, size=r, dtype=np.uint64).astype(np.uint32))
   step = jnp.asarray(rng.integers(0, 64, size=r), jnp.int32)

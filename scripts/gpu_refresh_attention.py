@@ -38,10 +38,11 @@ def oracle(q, k, v, lengths) -> np.ndarray:
   for i, n in enumerate(np.asarray(lengths)):
     if n == 0:
       continue
-    s = np.einsum("thd,shd->hts", q[i, :n], k[i, :n]) / np.sqrt(d)
+    qi, ki, vi = (x[i, :n].transpose(1, 0, 2) for x in (q, k, v))  # [H, n, D]
+    s = qi @ ki.transpose(0, 2, 1) / np.sqrt(d)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    out[i, :n] = np.einsum("hts,shd->thd", p, v[i, :n])
+    out[i, :n] = (p @ vi).transpose(1, 0, 2)
   return out
 
 

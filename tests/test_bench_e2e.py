@@ -184,6 +184,7 @@ def test_random_prompts_avoid_special_ids():
     (["--hidden-size", "48"], "multiple of head_dim"),
     (["--prompt-len", "600"], "exceeds the model's 512 positions"),
     (["--memory-budget-gb", "1", "--memory-budget-mb", "10"], "give one of"),
+    (["--modes", "none"], "nothing to run"),
 ])
 def test_bad_input_is_a_clear_error(extra, msg, capsys):
   assert e2e.main(TOY + extra) == 2

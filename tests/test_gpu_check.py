@@ -1,5 +1,5 @@
-"""scripts/gpu-check.sh: the dry run (every stage at toy size on the CPU) and its JSON, the time
-guard, failure handling, and that the parity stages can fail."""
+"""scripts/gpu-check.sh: the dry run (every stage at toy size on the CPU) and its JSON (slow), the
+time guard, failure handling, refusing a CPU backend, and that the parity stages can fail."""
 
 from __future__ import annotations
 
@@ -44,6 +44,8 @@ def dry_run(tmp_path_factory):
   return out, proc
 
 
+# The dry run takes ~1 minute on 2 idle cores, ~2.5 minutes with the machine loaded: slow.
+@pytest.mark.slow
 def test_dry_run_passes_every_stage(dry_run):
   out, proc = dry_run
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -51,16 +53,21 @@ def test_dry_run_passes_every_stage(dry_run):
     summary = json.load(fh)
   assert summary["passed"] and summary["dry_run"] and summary["device"] == "cpu"
   assert [s["stage"] for s in summary["stages"]] == list(gpu_check.STAGE_NAMES)
-  assert {s["status"] for s in summary["stages"]} == {"pass"}, summary
-  assert summary["counts"]["pass"] == len(gpu_check.STAGES)
+  for s in summary["stages"]:  # bench logits --calibrate may not have landed in this checkout
+    assert s["status"] == "pass" or (s["stage"] == "logits_calibrate" and s["status"] ==
+                                     "skipped" and s["reason"] == "this checkout has no "
+                                     "--calibrate"), s
   for name in gpu_check.STAGE_NAMES:
     rec = _load(out, name)
+    if rec["status"] == "skipped":
+      continue
     assert rec["stage"] == name and rec["status"] == "pass" and rec["returncode"] == 0
     assert rec["device"] == "cpu" and rec["backend"] == "cpu" and rec["jax"]
     assert rec["dry_run"] is True and rec["result"] is not None and rec["seconds"] > 0
     assert os.path.isfile(rec["log"])
 
 
+@pytest.mark.slow
 def test_dry_run_stage_results(dry_run):
   out, _ = dry_run
   kern = _load(out, "kernels")["result"]

@@ -319,6 +319,8 @@ def run(args) -> int:
   if args.block_length > args.gen_length or args.gen_length % args.block_length:
     raise ValueError(f"--gen-length {args.gen_length} must be a multiple of --block-length "
                      f"{args.block_length}")
+  if not args.modes and not args.pool_sweep:
+    raise ValueError("--modes none: nothing to run without --pool-sweep")
   if any(not 0 < f <= 1 for f in args.pool_sweep):
     raise ValueError(f"--pool-sweep: fractions must be in (0, 1], got {args.pool_sweep}")
   free, source = ph.free_device_bytes(args.device_memory_gb) if args.pool_sweep else (None, None)
