@@ -4,9 +4,9 @@
     cfg = engine_config_from_args(args)  # unset flags keep EngineConfig's defaults
 
 Imports nothing heavy (no jax) so that building the CLI's parser stays fast; choices come from
-the value lists in :mod:`dllm_jax.config`. Values argparse cannot check without jax (sparse
-selection modes, attention implementations) are checked by EngineConfig / SparseConfig, whose
-ValueError names the field and the allowed values.
+the value lists in :mod:`dllm_jax.config`. The sparse selection modes (listed in
+dllm_jax.cache.selection, which imports jax) are checked by SparseConfig, whose ValueError names
+the allowed values.
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ def add_engine_args(parser: argparse.ArgumentParser, *,
                  help="Refresh rows per step (caps the step shapes to compile)")
   g.add_argument("--max-reuse-rows", type=positive_int,
                  help="Reuse rows per step (caps the step shapes to compile)")
-  g.add_argument("--attn-impl", help="attention implementation: auto (default), pallas, "
-                                     "reference or interpret")
+  g.add_argument("--attn-impl", choices=C.KERNEL_IMPLS,
+                 help="kernel implementation: auto (default: Pallas on a GPU, jnp elsewhere), "
+                      "pallas, reference (jnp), interpret (the kernel on the CPU interpreter)")
   g.add_argument("--tp", type=positive_int, help="tensor-parallel devices per engine")
   s = parser.add_argument_group("default sparse cache (requests may bring their own)")
   s.add_argument("--sparse", nargs="?", const="per_head", default=sparse_default,

@@ -258,6 +258,7 @@ def test_engine_flags_build_one_engine_config():
   server_cli, p = _serve_parser()
   choices = {a.dest: a.choices for a in p._actions}
   assert choices["scheduler"] is C.SCHEDULERS and choices["logits"] is C.LOGIT_VARIANTS
+  assert choices["attn_impl"] is C.KERNEL_IMPLS
   args = p.parse_args(["--sparse", "--selection", "shared", "--keep-ratio", "0.25",
                        "--max-queue", "3", "--memory-budget-mb", "64", "--scheduler", "fcfs",
                        "--max-refresh-rows", "2"])
