@@ -65,12 +65,20 @@ class LLM:
     generation_config.json]), a :class:`Transformer`, or None for the bundled demo model.
   tokenizer: optional; loaded from the model directory when there is one.
   logit_plan: how (token, confidence) are computed from hidden rows (see dllm_jax.logits).
+  compile_cache: opt in to JAX's persistent compilation cache (dllm_jax/compile_cache.py):
+    True for the default directory, or a directory. None / False (default) changes nothing in
+    JAX's global configuration; a directory the user already gave JAX is always respected.
   """
 
   def __init__(self, model: str | os.PathLike | Transformer | None = None, tokenizer=None, *,
                param_dtype=None, generation_config: dict | None = None,
                logit_plan: LogitPlan | None = None, engine_config: EngineConfig | None = None,
-               devices=None):
+               devices=None, compile_cache: bool | str | os.PathLike | None = None):
+    if compile_cache:
+      from dllm_jax import compile_cache as cc
+      self.compile_cache_dir = cc.enable(None if compile_cache is True else os.fspath(compile_cache))
+    else:
+      self.compile_cache_dir = None
     path = None
     if model is None:
       model = DEMO_MODEL_DIR
