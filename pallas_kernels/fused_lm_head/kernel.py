@@ -15,6 +15,8 @@ already-summed hidden columns zeroed. Rows are padded to a multiple of C by ``op
 
 Shapes in the kernel: block_rows, block_vocab, block_k powers of two (Triton requirement), with
 block_vocab <= V and block_k <= d. In-kernel index math is multiplies and clamps only (no ``%``).
+The k-loop over d stays in the kernel (``pltr.dot`` accumulates f32; ``num_stages`` pipelines its
+loads); block sizes, warps and stages per GPU generation and row count come from ``tiles.py``.
 """
 
 from __future__ import annotations
