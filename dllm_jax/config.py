@@ -393,6 +393,48 @@ def _divisor_near(n: int, target: int) -> int:
   return min(divisors, key=lambda x: (abs(x - target), x))
 
 
+# Sparse caching --------------------------------------------------------------------------------
+
+SELECTION_MODES = ("shared", "per_head", "per_head_adaptive")
+MAX_POOL_KERNEL = 15
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+  """Sparse caching knobs (defaults as the reference: keep 0.5, max-pool 3, delay 1); the
+  state machine they drive is dllm_jax/cache/sparse_state.py.
+
+  selection: "per_head" (head-centric, default), "shared" (one token set for all heads, the
+  Sparse-dLLM baseline) or "per_head_adaptive" (per-head budgets from score spread).
+  """
+
+  enabled: bool = True
+  keep_ratio: float = 0.5
+  pool_kernel: int = 3
+  delay: int = 1
+  selection: str = "per_head"
+
+  def __post_init__(self):
+    if not isinstance(self.enabled, bool):
+      raise ValueError(f"enabled: expected true or false, got {self.enabled!r}")
+    r = self.keep_ratio
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
+      raise ValueError(f"keep_ratio: must be in [0, 1], got {r!r}")
+    object.__setattr__(self, "keep_ratio", float(r))
+    for f, lo in (("pool_kernel", 1), ("delay", 0)):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"{f}: expected an integer >= {lo}, got {v!r}")
+    if self.pool_kernel > MAX_POOL_KERNEL:
+      raise ValueError(f"pool_kernel: at most {MAX_POOL_KERNEL}, got {self.pool_kernel}")
+    if self.selection not in SELECTION_MODES:
+      raise ValueError(f"selection: expected one of {SELECTION_MODES}, got {self.selection!r}")
+
+  @property
+  def adaptive(self) -> bool:
+    return self.selection == "per_head_adaptive"
+
+
 # Engine --------------------------------------------------------------------------------------
 
 SCHEDULERS = ("phase", "fcfs", "static")
@@ -429,7 +471,7 @@ class EngineConfig:
   max_block_length: int = 128
   max_refresh_rows: int = 16
   max_reuse_rows: int = 32
-  sparse: Any = None
+  sparse: SparseConfig | None = None
   attn_impl: str = "auto"
   max_waiting: int = 1024
   aging_steps: int = 8
@@ -456,7 +498,6 @@ class EngineConfig:
       raise ValueError(f"attn_impl: expected one of {KERNEL_IMPLS}, got {self.attn_impl!r}")
     if self.page_size & (self.page_size - 1) or self.page_size < 16:
       raise ValueError(f"page_size: must be a power of two >= 16 (Triton), got {self.page_size}")
-    from dllm_jax.cache.sparse_state import SparseConfig
     if self.sparse is not None and not isinstance(self.sparse, SparseConfig):
       raise ValueError(f"sparse: expected a SparseConfig or None, got {type(self.sparse).__name__}")
 

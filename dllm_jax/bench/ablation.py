@@ -180,7 +180,7 @@ def scaled_budgets(engine: dict, mcfg, memory_budget_mb: float | None) -> tuple[
 def engine_config_for(rung: Rung, engine: dict, *, memory_budget: int, activation_budget: int,
                       overrides: dict | None = None, sparse_overrides: dict | None = None):
   """The rung's EngineConfig: the file's settings with the rung's three switches."""
-  from dllm_jax.cache.sparse_state import SparseConfig
+  from dllm_jax.config import SparseConfig
   from dllm_jax.config import EngineConfig
   kw = {k: v for k, v in engine.items() if k != "sparse"}
   kw.update(overrides or {})

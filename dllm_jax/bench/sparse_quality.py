@@ -66,7 +66,7 @@ def measure(llm, prompts: list[list[int]], *, gen_length: int = 32, block_length
   Returns {"dense": [[tokens] per prompt], "modes": {mode: {"agreement": mean,
   "per_prompt": [...], "tokens": [[...]]}}, plus the settings}.
   """
-  from dllm_jax.cache.sparse_state import SparseConfig
+  from dllm_jax.config import SparseConfig
   from dllm_jax.config import SamplingParams
 
   sp = SamplingParams(gen_length=gen_length, block_length=block_length, steps=gen_length,

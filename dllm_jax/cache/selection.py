@@ -24,7 +24,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MODES = ("shared", "per_head", "per_head_adaptive")
+from dllm_jax.config import MAX_POOL_KERNEL, SELECTION_MODES
+
+MODES = SELECTION_MODES  # indices into this tuple are the runtime mode values
 _NEG = -jnp.inf
 
 
@@ -47,9 +49,6 @@ def candidate_index(n: int, block_start, block_len, length):
   j = jnp.arange(n, dtype=jnp.int32)
   idx = jnp.where(j < block_start, j, j + block_len)
   return jnp.minimum(idx, n - 1), idx < length
-
-
-MAX_POOL_KERNEL = 15
 
 
 def max_pool(scores, valid, kernel):

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 
 from dllm_jax.cache.page_pool import (PoolConfig, ShardedPageAllocator, SlotAllocator,
                                       init_cache, max_keep, pages_needed)
-from dllm_jax.cache.sparse_state import Phase, SparseConfig
-from dllm_jax.config import EngineConfig, SamplingParams
+from dllm_jax.cache.sparse_state import Phase
+from dllm_jax.config import EngineConfig, SamplingParams, SparseConfig
 from dllm_jax.decoding.dense import LogitPlan
 from dllm_jax.engine import memory
 from dllm_jax.engine.batch import Layout, build_step, dummy_step, step_tokens

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dllm_jax.cache.sparse_state import SparseConfig
-from dllm_jax.config import EngineConfig, SamplingParams
+from dllm_jax.config import EngineConfig, SamplingParams, SparseConfig
 from dllm_jax.decoding import rules
 from dllm_jax.decoding.dense import DecodeState, LogitPlan, RowSpec, StepStatic, make_step_fn
 from dllm_jax.engine.core import EngineCore
