@@ -102,99 +102,16 @@ def create_app(llm, *, api_key: str | None = None, model_name: str | None = None
   metrics = ServerMetrics()
   worker = _worker(llms, max_queue, metrics)
   metrics.bind(worker)
-  state = ServerState(llm, worker, model_name, api_key, max_body_bytes, metrics)
-
-  @contextlib.asynccontextmanager
-  async def lifespan(app: FastAPI):
-    worker.start()
-    log.info("serving %s (max_queue %d)", model_name, max_queue)
-    try:
-      yield
-    finally:
-      await worker.aclose(shutdown_timeout)
-
-  app = FastAPI(title="dllm-jax", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
+  app = FastAPI(title="dllm-jax", version="0.1.0", lifespan=_lifespan, redirect_slashes=False,
                 description="Diffusion LM serving: OpenAI-compatible and native endpoints.")
-  app.state.dllm = state
+  app.state.dllm = ServerState(llm, worker, model_name, api_key, max_body_bytes, metrics,
+                               shutdown_timeout=shutdown_timeout)
   app.add_middleware(metrics.middleware_class())
   app.add_middleware(_NoTrailingSlash)  # outermost: metrics see the normalised path
   errors.install(app, metrics, P.MODEL_NAMES)
   app.openapi = lambda: _openapi(app)
-
-  def authorized(request: Request) -> bool:
-    if state.api_key is None:
-      return True
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode("utf-8", "surrogateescape"),
-        state.api_key.encode("utf-8", "surrogateescape"))
-
-  async def auth(request: Request) -> None:
-    if not authorized(request):
-      raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
-                     type="invalid_request_error", code="invalid_api_key",
-                     headers={"WWW-Authenticate": "Bearer"})
-
-  api = APIRouter(dependencies=[Depends(auth)])
-
-  @app.get("/", include_in_schema=False)
-  async def index():
-    try:
-      with open(os.path.join(STATIC_DIR, "index.html"), encoding="utf-8") as fh:
-        page = fh.read()
-    except OSError:
-      raise APIError(404, "the demo page is not installed (dllm_jax/server/static/index.html)",
-                     code="not_found") from None
-    return HTMLResponse(page.replace("{{MODEL_NAME}}", html.escape(model_name)))
-
-  @app.get("/health")
-  async def health(request: Request):
-    ok = worker.alive and worker.accepting
-    body = {"status": "ok" if ok else "unavailable"}
-    if authorized(request):  # queue and pool details only for whoever may use the API
-      body.update(describe(worker), model=model_name)
-    return JSONResponse(body, status_code=200 if ok else 503)
-
-  @api.get("/metrics")
-  async def metrics_endpoint():
-    body, ctype = metrics.render()
-    return Response(body, media_type=ctype)
-
-  def model_card() -> dict:
-    return {"id": model_name, "object": "model", "created": state.created,
-            "owned_by": "dllm-jax", "max_model_len": state.max_len}
-
-  @api.get("/v1/models")
-  async def list_models():
-    return {"object": "list", "data": [model_card()]}
-
-  @api.get("/v1/models/{model_id:path}")
-  async def get_model(model_id: str):
-    if model_id != model_name:
-      raise APIError(404, f"the model {model_id!r} does not exist", param="model",
-                     code="model_not_found")
-    return model_card()
-
-  def body_schema(name: str) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
-
-  @api.post("/v1/completions", openapi_extra=body_schema("CompletionRequest"))
-  async def completions(request: Request):
-    """OpenAI completions; diffusion knobs ride along as extra fields."""
-    return await handlers.completions(request, state)
-
-  @api.post("/v1/chat/completions", openapi_extra=body_schema("ChatCompletionRequest"))
-  async def chat_completions(request: Request):
-    """OpenAI chat completions (the model's chat template renders the messages)."""
-    return await handlers.chat_completions(request, state)
-
-  @api.post("/v1/diffusion/generate", openapi_extra=body_schema("GenerateRequest"))
-  async def diffusion_generate(request: Request):
-    """Native generation: every SamplingParams / SparseConfig field, optional step trace."""
-    return await handlers.diffusion_generate(request, state)
-
-  app.include_router(api)
+  for router in _routers():
+    app.include_router(router)
   return app
 
 
@@ -212,6 +129,119 @@ def _worker(llms: list, max_queue: int, metrics):
   router = ReplicaRouter([EngineWorker(x, max_queue=max_queue, on_finish=on_finish)
                           for x in llms])
   return router
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+  state: ServerState = app.state.dllm
+  state.worker.start()
+  log.info("serving %s (max_queue %d)", state.model_name, state.worker.max_queue)
+  try:
+    yield
+  finally:
+    await state.worker.aclose(state.shutdown_timeout)
+
+
+# Routes ------------------------------------------------------------------------------------------
+def _state(request: Request) -> ServerState:
+  return request.app.state.dllm
+
+
+def authorized(request: Request) -> bool:
+  key = _state(request).api_key
+  if key is None:
+    return True
+  scheme, _, token = request.headers.get("authorization", "").partition(" ")
+  return scheme.lower() == "bearer" and hmac.compare_digest(
+      token.strip().encode("utf-8", "surrogateescape"), key.encode("utf-8", "surrogateescape"))
+
+
+async def require_key(request: Request) -> None:
+  if not authorized(request):
+    raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
+                   type="invalid_request_error", code="invalid_api_key",
+                   headers={"WWW-Authenticate": "Bearer"})
+
+
+async def index(request: Request):
+  try:
+    with open(os.path.join(STATIC_DIR, "index.html"), encoding="utf-8") as fh:
+      page = fh.read()
+  except OSError:
+    raise APIError(404, "the demo page is not installed (dllm_jax/server/static/index.html)",
+                   code="not_found") from None
+  return HTMLResponse(page.replace("{{MODEL_NAME}}", html.escape(_state(request).model_name)))
+
+
+async def health(request: Request):
+  """Liveness; the queue and KV-page details too when no key is set or it is sent."""
+  state = _state(request)
+  ok = state.worker.alive and state.worker.accepting
+  body = {"status": "ok" if ok else "unavailable"}
+  if authorized(request):
+    body.update(describe(state.worker), model=state.model_name)
+  return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def metrics_text(request: Request):
+  """Prometheus text format."""
+  body, ctype = _state(request).metrics.render()
+  return Response(body, media_type=ctype)
+
+
+def _model_card(state: ServerState) -> dict:
+  return {"id": state.model_name, "object": "model", "created": state.created,
+          "owned_by": "dllm-jax", "max_model_len": state.max_len}
+
+
+async def list_models(request: Request):
+  """The served model (OpenAI list)."""
+  return {"object": "list", "data": [_model_card(_state(request))]}
+
+
+async def get_model(request: Request, model_id: str):
+  state = _state(request)
+  if model_id != state.model_name:
+    raise APIError(404, f"the model {model_id!r} does not exist", param="model",
+                   code="model_not_found")
+  return _model_card(state)
+
+
+async def completions(request: Request):
+  """OpenAI completions; diffusion knobs ride along as extra fields."""
+  return await handlers.completions(request, _state(request))
+
+
+async def chat_completions(request: Request):
+  """OpenAI chat completions (the model's chat template renders the messages)."""
+  return await handlers.chat_completions(request, _state(request))
+
+
+async def diffusion_generate(request: Request):
+  """Native generation: every SamplingParams / SparseConfig field, optional step trace."""
+  return await handlers.diffusion_generate(request, _state(request))
+
+
+def _body(name: str) -> dict:
+  return {"requestBody": {"required": True, "content": {"application/json": {
+      "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+def _routers() -> list[APIRouter]:
+  public = APIRouter()
+  public.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+  public.add_api_route("/health", health, methods=["GET"])
+  api = APIRouter(dependencies=[Depends(require_key)])
+  api.add_api_route("/metrics", metrics_text, methods=["GET"])
+  api.add_api_route("/v1/models", list_models, methods=["GET"])
+  api.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
+  api.add_api_route("/v1/completions", completions, methods=["POST"],
+                    openapi_extra=_body("CompletionRequest"))
+  api.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"],
+                    openapi_extra=_body("ChatCompletionRequest"))
+  api.add_api_route("/v1/diffusion/generate", diffusion_generate, methods=["POST"],
+                    openapi_extra=_body("GenerateRequest"))
+  return [public, api]
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -235,9 +265,8 @@ class _NoTrailingSlash:
   async def __call__(self, scope, receive, send):
     path = scope.get("path", "")
     if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
-      stripped = path.rstrip("/") or "/"
+      scope = dict(scope, path=path.rstrip("/") or "/")
       raw = scope.get("raw_path")
-      scope = dict(scope, path=stripped)
       if raw is not None:
         scope["raw_path"] = raw.rstrip(b"/") or b"/"
     await self.app(scope, receive, send)

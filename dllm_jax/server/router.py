@@ -34,6 +34,10 @@ class ReplicaRouter:
     return self.workers[0].llm
 
   @property
+  def max_queue(self) -> int:  # per replica
+    return self.workers[0].max_queue
+
+  @property
   def alive(self) -> bool:
     return all(w.alive for w in self.workers)
 

@@ -7,13 +7,14 @@ import time
 
 class ServerState:
   def __init__(self, llm, worker, model_name: str, api_key: str | None, max_body_bytes: int,
-               metrics):
+               metrics, *, shutdown_timeout: float = 30.0):
     self.llm = llm
     self.worker = worker
     self.model_name = model_name
     self.api_key = api_key
     self.max_body_bytes = max_body_bytes
     self.metrics = metrics
+    self.shutdown_timeout = shutdown_timeout
     self.created = int(time.time())
     self.max_len = worker.core.max_len
     self.mask_id = llm.cfg.mask_token_id
