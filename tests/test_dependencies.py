@@ -17,6 +17,7 @@ site-packages) and sends a chat request through the server.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import re
 import shutil
@@ -385,6 +386,23 @@ def test_every_requirement_has_both_bounds():
       if "==" not in spec and not (">=" in spec and "<" in spec):
         loose.append(f"[{grp}] {req}")
   assert not loose, "requirements without a lower and an upper bound:\n" + "\n".join(loose)
+
+
+def test_package_data_ships_every_data_file():
+  """A non-Python file inside the package (presets, the demo model, calibration tables, the demo
+  page) is read at run time, so a non-editable install must carry it: a package-data glob
+  matches it."""
+  globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+      "package-data"]
+  left_out = []
+  for pkg in PACKAGES:
+    for path in sorted((ROOT / pkg).rglob("*")):
+      rel = path.relative_to(ROOT / pkg).as_posix()
+      if path.is_dir() or path.suffix in (".py", ".pyc") or "__pycache__" in rel:
+        continue
+      if not any(fnmatch.fnmatch(rel, g) for g in globs.get(pkg, [])):
+        left_out.append(f"{pkg}/{rel}")
+  assert not left_out, f"not in [tool.setuptools.package-data]: {left_out}"
 
 
 # A fresh virtualenv with only [serve] -----------------------------------------------------------
