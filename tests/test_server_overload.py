@@ -33,7 +33,7 @@ def _body(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def server():
-  from dllm_jax.cache.sparse_state import SparseConfig
+  from dllm_jax.config import SparseConfig
   from dllm_jax.server.app import create_app
   llm = make_llm(max_running=MAX_RUNNING, max_waiting=MAX_QUEUE, sparse=SparseConfig())
   srv = LiveServer(create_app(llm, model_name="tiny", max_queue=MAX_QUEUE,

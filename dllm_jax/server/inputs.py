@@ -9,8 +9,7 @@ import re
 
 from pydantic import ValidationError
 
-from dllm_jax.cache.sparse_state import SparseConfig
-from dllm_jax.config import SamplingParams
+from dllm_jax.config import SamplingParams, SparseConfig
 from dllm_jax.server import protocol as P
 from dllm_jax.server.errors import APIError, validation_error
 from dllm_jax.server.state import ServerState

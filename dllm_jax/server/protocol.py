@@ -5,7 +5,7 @@ to numbers, numbers not to booleans (a JSON integer is still accepted where a fl
 NaN / infinity are rejected. The models check JSON types and the server's own API limits; the
 decoding rules (ranges, divisibility, option names) are checked once, by ``SamplingParams`` and
 ``SparseConfig``, whose errors the server answers with a 400 naming the field. The option lists
-in the schema are the ones in ``dllm_jax.config`` / ``dllm_jax.cache.selection``.
+in the schema are the ones in ``dllm_jax.config``.
 
 Chat ``content`` takes the OpenAI shapes: a string, or a non-empty list of
 ``{"type": "text", "text": ...}`` parts, joined in order with ``"\\n"`` (:data:`PART_SEPARATOR`);
@@ -23,8 +23,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dllm_jax.cache.selection import MODES
-from dllm_jax.config import CONFIDENCE_KINDS, RULES, SCHEDULES
+from dllm_jax.config import (CONFIDENCE_KINDS, MAX_POOL_KERNEL, RULES, SCHEDULES,
+                             SELECTION_MODES)
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
@@ -49,17 +49,18 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class SparseOptions(_Strict):
-  """Sparse KV caching for this request: ``dllm_jax.cache.sparse_state.SparseConfig`` fields
+  """Sparse KV caching for this request: ``dllm_jax.config.SparseConfig`` fields
   (unset ones take SparseConfig's defaults)."""
 
   enabled: bool | None = Field(None, description="Sparse caching on (default true).")
   keep_ratio: float | None = Field(None, description=(
       "Share of the context's tokens each head keeps in the Reuse phase (default 0.5)."))
   pool_kernel: int | None = Field(None, description=(
-      "Max-pool window over the token scores before top-k (default 3, at most 15)."))
+      f"Max-pool window over the token scores before top-k (default 3, at most "
+      f"{MAX_POOL_KERNEL})."))
   delay: int | None = Field(None, le=MAX_DELAY, description=(
       "Refresh steps at the start of each block before selecting (default 1)."))
-  selection: str | None = _options(MODES, "Token selection (default 'per_head')")
+  selection: str | None = _options(SELECTION_MODES, "Token selection (default 'per_head')")
 
 
 class DiffusionOptions(_Strict):
