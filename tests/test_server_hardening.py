@@ -330,3 +330,65 @@ def test_request_bodies_are_in_the_openapi_schema(http):
       assert prop.get("description"), (name, field)
   assert comps["GenerateRequest"]["properties"]["confidence"]["enum"] == list(CONFIDENCE_KINDS)
   assert http.get("/docs").status_code == 200
+
+
+# The transport itself ----------------------------------------------------------------------------
+def test_transport_refuses_other_uvicorn_versions(monkeypatch):
+  import importlib.util
+
+  import uvicorn
+
+  from dllm_jax.server import transport
+  monkeypatch.setattr(uvicorn, "__version__", "0.56.0")
+  spec = importlib.util.spec_from_file_location("transport_under_test", transport.__file__)
+  with pytest.raises(ImportError, match=r"uvicorn 0\.56\.0 is installed.*uvicorn>=0\.55,<0\.56"):
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+SERVE_SCRIPT = """
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from dllm_jax.server.transport import serve
+
+async def hello(request):
+  return PlainTextResponse("hello")
+
+serve(Starlette(routes=[Route("/", hello)]), host="127.0.0.1", port=0, log_level="info",
+      header_timeout_s=1.0)
+print("serve returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_serve_blocks_until_a_signal_then_shuts_down_and_returns(sig):
+  import re
+  import signal
+  import subprocess
+  import sys
+
+  proc = subprocess.Popen([sys.executable, "-c", SERVE_SCRIPT], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  try:
+    port = None
+    lines = []
+    for line in proc.stdout:  # uvicorn logs the port it bound
+      lines.append(line)
+      m = re.search(r"running on http://127\.0\.0\.1:(\d+)", line)
+      if m:
+        port = int(m.group(1))
+        break
+    assert port, "".join(lines)
+    assert httpx.get(f"http://127.0.0.1:{port}/", timeout=WAIT_S).text == "hello"
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as s:
+      s.sendall(b"GET / HTTP/1.1\r\n")  # the header timeout applies in serve() too
+      assert _read_to_eof(s).startswith(b"HTTP/1.1 408 ")
+    proc.send_signal(getattr(signal, sig))
+    out = proc.communicate(timeout=WAIT_S)[0]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  assert proc.returncode == 0, out
+  assert "Finished server process" in out and "serve returned" in out  # no re-raised signal
+  assert "Traceback" not in out

@@ -24,7 +24,9 @@ another one fails with a clear message (pyproject pins ``uvicorn>=0.55,<0.56``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import threading
 import time
 
@@ -39,6 +41,7 @@ if not uvicorn.__version__.startswith(SUPPORTED_UVICORN):
       f'pip install "uvicorn>=0.55,<0.56"')
 
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
+from uvicorn.server import HANDLED_SIGNALS  # noqa: E402
 
 
 def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
@@ -155,6 +158,24 @@ def protocol_class(*, header_timeout_s: float, body_timeout_s: float,
       "max_connections": max_connections})
 
 
+class _Server(uvicorn.Server):
+  """uvicorn's Server, except that the SIGINT / SIGTERM that started the graceful shutdown is
+  not re-raised once it is done (uvicorn does, which kills the process or raises
+  KeyboardInterrupt out of serve()): serve() returns and the CLI exits 0."""
+
+  @contextlib.contextmanager
+  def capture_signals(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield  # signals reach the main thread only
+      return
+    original = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+    try:
+      yield
+    finally:
+      for sig, handler in original.items():
+        signal.signal(sig, handler)
+
+
 def make_server(app, *, host: str, port: int, log_level: str = "info",
                 header_timeout_s: float = 10.0, body_timeout_s: float = 30.0,
                 max_connections: int = 256, shutdown_timeout_s: float = 30.0) -> uvicorn.Server:
@@ -167,13 +188,14 @@ def make_server(app, *, host: str, port: int, log_level: str = "info",
   # the app's lifespan shutdown stops the engine thread).
   config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=proto,
                           lifespan="on", timeout_graceful_shutdown=shutdown_timeout_s)
-  return uvicorn.Server(config)
+  return _Server(config)
 
 
 def serve(app, *, host: str, port: int, log_level: str = "info",
           header_timeout_s: float = 10.0, body_timeout_s: float = 30.0,
           max_connections: int = 256, shutdown_timeout_s: float = 30.0) -> None:
-  """Serve ``app`` until SIGINT / SIGTERM (then shut down gracefully); blocks."""
+  """Serve ``app`` until SIGINT / SIGTERM, then shut down gracefully (in-flight requests get
+  ``shutdown_timeout_s``; a second SIGINT forces the exit) and return."""
   make_server(app, host=host, port=port, log_level=log_level,
               header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
               max_connections=max_connections, shutdown_timeout_s=shutdown_timeout_s).run()
