@@ -92,6 +92,9 @@ def test_block_validation():
     ops.fused_lm_head(args[0], args[1], args[2][:4], *args[3:], impl="reference")
   with pytest.raises(ValueError, match="impl"):
     ops.fused_lm_head(*args, impl="gpu")
+  tiny = _inputs(np.random.default_rng(0), 8, 8, 64, jnp.float32, True)
+  with pytest.raises(ValueError, match="tl.dot"):  # a K block of 8 would not compile on a GPU
+    ops.fused_lm_head(*tiny, impl="pallas")
   with pytest.raises(ValueError, match="num_warps"):
     ops.fused_lm_head(*args, impl="interpret", num_warps=6)
   # CPU / unknown devices: the conservative default (64 x 128 x 64, 4 warps, 2 stages)

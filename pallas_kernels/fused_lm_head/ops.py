@@ -144,6 +144,9 @@ def fused_lm_head(hidden, head, temperature, seed, step, position, *, chunk_rows
                       num_warps=num_warps, num_stages=num_stages,
                       itemsize=jnp.dtype(head.dtype).itemsize, device_kind=device_kind)
   c = blk.block_rows
+  if impl == "pallas" and min(blk.block_k, blk.block_vocab) < tiles.MIN_DOT:
+    raise ValueError(f"the fused LM head kernel needs d and V >= {tiles.MIN_DOT} (tl.dot "
+                     f"minimum), got d={d}, V={v}; use impl='reference'")
   rp = -(-r // c) * c
   pad = lambda x: x if rp == r else jnp.pad(x, [(0, rp - r)] + [(0, 0)] * (x.ndim - 1))
   parts = _kernel.fused_lm_head_partials(
