@@ -56,13 +56,13 @@ E2E_8B = ("--config", "llada-8b", "--layers", "32", "--batch", "32", "--block-le
 E2E_TOY = ("--config", "bench-small", "--layers", "1", "--hidden-size", "64", "--batch", "2",
            "--block-length", "4", "--gen-length", "8", "--keep-ratio", "0.5", "--repeats", "2",
            "--compile-cache", "{cache}/e2e")
+# What `serve --warmup full` compiles: the server's default EngineConfig at LLaDA-8B dims.
 WARM_8B = ("scripts/gpu_warmup.py", "--config", "llada-8b", "--layers", "32",
-           "--cache-dir", "{cache}/warmup", "--max-model-len", "256", "--max-running", "2",
-           "--max-refresh-rows", "1", "--max-reuse-rows", "1", "--max-block-length", "32")
+           "--cache-dir", "{cache}/warmup")
 WARM_TOY = ("scripts/gpu_warmup.py", "--config", "bench-small", "--layers", "1",
-            "--hidden-size", "64", "--cache-dir", "{cache}/warmup", "--max-model-len", "64",
-            "--max-running", "2", "--max-refresh-rows", "1", "--max-reuse-rows", "1",
-            "--max-block-length", "8")
+            "--hidden-size", "64", "--cache-dir", "{cache}/warmup", "--max-model-len", "32",
+            "--token-budget", "32", "--max-running", "2", "--max-refresh-rows", "1",
+            "--max-reuse-rows", "1", "--max-block-length", "8")
 
 STAGES = (
     Stage("kernels", ("scripts/gpu_kernel_cases.py", "--impl", "pallas", "--size", "gpu"),

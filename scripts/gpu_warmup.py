@@ -2,12 +2,12 @@
 (a gpu-check stage; run it twice on one cache directory: cold, then from the cache).
 
     PYTHONPATH=. python3 scripts/gpu_warmup.py --config llada-8b --layers 32 \\
-        --cache-dir /tmp/jax-cache --max-model-len 256 --max-refresh-rows 1 --max-reuse-rows 1 \\
-        --out warmup_cold.json
+        --cache-dir /tmp/jax-cache --out warmup_cold.json      # then again: from the cache
 
 Random weights at the preset's width (as ``bench e2e``: ``--layers`` / ``--hidden-size`` shrink
-it). Reports: model init, engine build and ``core.warmup`` seconds, the step executables it
-compiled (and the bound ``runner.executable_bound``), the backend compile events (a cache hit is
+it) and the engine flags of ``serve`` (their defaults: the server's EngineConfig). Reports:
+model init, engine build and ``core.warmup`` seconds, the step executables it
+compiled (and the engine's bound on them), the backend compile events (a cache hit is
 a short one) and the cache directory's entry count before and after. What ``serve --warmup``
 runs: ``core.warmup("full")`` where the engine takes a mode, else ``core.warmup()``.
 """
@@ -39,6 +39,15 @@ def warmup_call(core):
   return time.perf_counter() - t, n, call
 
 
+def _bound(core, cfg) -> int:
+  """Step executables the engine can ever compile (its own count where it offers one)."""
+  if callable(getattr(core, "executable_bound", None)):
+    return core.executable_bound()
+  from dllm_jax.engine.runner import executable_bound
+  return executable_bound(cfg.max_refresh_rows, core.max_len_bucket, cfg.max_reuse_rows,
+                          cfg.max_block_length)
+
+
 def main(argv=None) -> int:
   from dllm_jax.engine_flags import add_engine_args, engine_config_from_args
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +66,6 @@ def main(argv=None) -> int:
   from dllm_jax.bench import e2e_phase as ph
   from dllm_jax.bench.e2e import load_model_config
   from dllm_jax.engine.engine import LLM
-  from dllm_jax.engine.runner import executable_bound
   from dllm_jax.model.transformer import init_model
 
   entries_before = _entries(args.cache_dir)
@@ -84,8 +92,7 @@ def main(argv=None) -> int:
       engine_config=dataclasses.asdict(cfg),
       call=call, model_init_s=init_s, engine_build_s=build_s, warmup_s=secs,
       executables=n, engine_compile_count=core.runner.compile_count,
-      executable_bound=executable_bound(cfg.max_refresh_rows, core.max_len_bucket,
-                                        cfg.max_reuse_rows, cfg.max_block_length),
+      executable_bound=_bound(core, cfg),
       seconds_per_executable=secs / n if n else None,
       backend_compiles=ph.summarize_compiles(events), cache_dir=cache_dir,
       cache_entries_before=entries_before, cache_entries_after=_entries(args.cache_dir))

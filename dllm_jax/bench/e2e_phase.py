@@ -204,5 +204,6 @@ def compile_events():
 
 def summarize_compiles(events: list[dict], top: int = 12) -> dict:
   slow = sorted(events, key=lambda e: -e["s"])[:top]
-  return dict(count=len(events), total_s=sum(e["s"] for e in events),
+  total = sum(e["s"] for e in events)
+  return dict(count=len(events), total_s=total, mean_s=total / len(events) if events else None,
               max_s=max((e["s"] for e in events), default=0.0), slowest=slow)
