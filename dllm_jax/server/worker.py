@@ -379,6 +379,11 @@ class EngineWorker:
     h.rid = f"{h.orig_rid}.retry{h.retries}"
     try:
       self._add(h)
+    except QueueFull:  # the engine's intake is full: retry at the next turn
+      h.retries -= 1
+      self.requests_retried -= 1
+      with self._hlock:
+        self._retry.appendleft(h)
     except Exception as e:  # noqa: BLE001
       self._fail(h, f"could not retry the request: {e}")
 
