@@ -445,10 +445,14 @@ def test_queue_limit_and_duplicate_ids(strict_llm):
   strict_llm.add_request([1, 2], sp, request_id="a")
   with pytest.raises(ValueError, match="already in use"):
     strict_llm.add_request([1, 2], sp, request_id="a")
-  strict_llm.add_request([3], sp)
+  # max_waiting counts the requests beyond the free running slots (4 here): 4 + 2 fit.
+  for t in range(3, 8):
+    strict_llm.add_request([t], sp)
   with pytest.raises(QueueFull):
-    strict_llm.add_request([4], sp)
-  assert strict_llm.core.num_waiting() == 2 and len(strict_llm.core._requests) == 2
+    strict_llm.add_request([9], sp)
+  core = strict_llm.core
+  assert core.num_waiting() == 6 and core.num_waiting_for_slot() == 2
+  assert len(core._requests) == 6
 
 
 def test_activation_budget_rejects_oversize_refresh(model):

@@ -216,7 +216,7 @@ class EngineCore:
       rid = request_id if request_id is not None else f"req-{next(self._ids)}"
       if rid in self._requests:
         raise ValueError(f"request id {rid!r} is already in use")
-      if len(self._intake) + len(self.scheduler.waiting) >= self.cfg.max_waiting:
+      if self.num_waiting_for_slot() >= self.cfg.max_waiting:
         raise QueueFull(f"waiting queue is full ({self.cfg.max_waiting} requests)")
       req.request_id = rid
       self._requests[rid] = req
@@ -240,6 +240,12 @@ class EngineCore:
 
   def num_running(self) -> int:
     return len(self.scheduler.running)
+
+  def num_waiting_for_slot(self) -> int:
+    """Queued requests beyond the free running slots: those that really wait (a burst that the
+    free slots can take is not a queue)."""
+    free = max(0, self.cfg.max_running - len(self.scheduler.running))
+    return max(0, self.num_waiting() - free)
 
   def _drain(self) -> list[Request]:
     done = []
