@@ -285,7 +285,7 @@ def test_serve_warms_up_and_serves_on_the_hardened_transport(monkeypatch):
   calls = {}
 
   class Core:
-    def warmup(self, mode):
+    def warmup(self, mode, *, progress):
       calls.setdefault("warmup", []).append(mode)
       return 3
 

@@ -116,7 +116,7 @@ def run_serve(args) -> int:
     print(f"dllm-jax serve: warning: {model} has no tokenizer.json; only token-id prompts on "
           "/v1/diffusion/generate will work", file=sys.stderr)
   if args.warmup != "none":
-    n = sum(r.core.warmup(args.warmup) for r in llms)
+    n = sum(r.core.warmup(args.warmup, progress=sys.stderr.isatty()) for r in llms)
     print(f"dllm-jax serve: warm-up ({args.warmup}) compiled {n} step variants", file=sys.stderr)
   app = create_app(llms if len(llms) > 1 else llm, api_key=args.api_key or None,
                    model_name=args.model_name, max_queue=args.max_queue,
