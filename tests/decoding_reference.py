@@ -25,7 +25,7 @@ documented choices (SamplingParams docstring, ``dllm_jax.decoding``):
 - EOS early finish (``stop_on_eos``): once the generation holds an EOS/EoT id whose left side is
   fully committed, every generated position right of it becomes ``eos_id`` and decoding stops.
 
-Only ``dllm_jax.decoding.noise`` (the shared counter-based random function) is imported from the
+Only ``pallas_kernels.noise`` (the shared counter-based random function) is imported from the
 package. Every decision's margin to flipping is recorded (``RefResult.gaps``) so a test can tell a
 genuine mismatch from a near-tie of float32 (engine) versus float64 (here) arithmetic.
 """
@@ -37,7 +37,7 @@ from typing import Callable
 
 import numpy as np
 
-from dllm_jax.decoding import noise
+from pallas_kernels import noise
 
 NEAR_TIE = 1e-6
 

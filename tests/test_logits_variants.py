@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dllm_jax.decoding import noise
+from pallas_kernels import noise
 from dllm_jax.logits import variants
 
 R, D, V = 50, 64, 1000          # R not a multiple of C, V not a multiple of Tv

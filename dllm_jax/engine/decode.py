@@ -19,11 +19,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dllm_jax.decoding import noise, rules
+from dllm_jax.decoding import rules
+from pallas_kernels import noise
 from dllm_jax.decoding.dense import LogitPlan
 from dllm_jax.logits import variants
 from pallas_kernels.common import MASK_VALUE
-from pallas_kernels.fused_lm_head.reference import finalize, map_row_chunks, merge, tile_stats
+from pallas_kernels.fused_lm_head.stats import finalize, map_row_chunks, merge, tile_stats
 
 ROWS_CHUNK = 256  # chunk of the monolithic 'rows' / 'full' plans (their memory only shrinks)
 

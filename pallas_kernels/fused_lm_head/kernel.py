@@ -4,7 +4,7 @@ Grid ``(R_pad / block_rows, vocab_splits)``. Program (i, s) owns rows [i*C, (i+1
 vocab tiles [s*tps, (s+1)*tps) (tps = tiles per split). For each vocab tile of Tv columns it
 accumulates the [C, Tv] logits over d in K chunks of ``block_k`` with ``pltr.dot`` (f32
 accumulation), then folds the tile into the running statistics of ``reference.tile_stats`` /
-``merge`` (the Gumbel hash is computed in-kernel by ``dllm_jax.decoding.noise``: uint32 ops only).
+``merge`` (the Gumbel hash is computed in-kernel by ``pallas_kernels.noise``: uint32 ops only).
 Logits never leave registers/shared memory; each program writes one partial ``Stats`` row block,
 and ``ops`` merges the ``vocab_splits`` partials (O(S*R) work in XLA). ``vocab_splits > 1`` only
 exists to fill the GPU when there are few row blocks (a decode step with a few hundred rows).
@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.common import triton_params
-from pallas_kernels.fused_lm_head.reference import Stats, init_stats, merge, tile_stats
+from pallas_kernels.fused_lm_head.stats import Stats, init_stats, merge, tile_stats
 
 
 def _kernel(h_ref, w_ref, t_ref, seed_ref, step_ref, pos_ref,

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from pallas_kernels.common import resolve_impl
 from pallas_kernels.fused_lm_head import kernel as _kernel
 from pallas_kernels.fused_lm_head import tiles
-from pallas_kernels.fused_lm_head.reference import finalize, fused_lm_head_reference, reduce_stats
+from pallas_kernels.fused_lm_head.reference import fused_lm_head_reference
+from pallas_kernels.fused_lm_head.stats import finalize, reduce_stats
 
 # Block sizes come from ``tiles.tile_config`` (per GPU generation and row count); explicit
 # arguments override single fields.
