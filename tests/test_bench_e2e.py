@@ -72,10 +72,14 @@ def test_modes(toy_run):
     assert m["first_call_compiles"]["count"] >= 1
     assert 0 < m["host_share"] < 1
     assert m["pool_pages"] >= 2 and m["pool_bytes"] == m["pool_pages"] * m["page_bytes"]
+    assert m["padding_waste"] >= 1 and sum(m["buckets"].values()) == G  # steps per "TxN"
     ref = m["single_phase"]["refresh"]
-    assert ref["bucket"] == dict(refresh_rows=4, length=32, reuse_rows=0, query_rows=8, cand=8)
+    bucket = ref["bucket"]
+    assert bucket["length"] == 32 and bucket["refresh_rows"] >= B and bucket["tokens"] >= B * 28
+    assert bucket["candidates"] == B * LB and ref["keep_tokens"] is None
     lin = _linear_per_token(1, 64, 2, 2, 32, 192)
-    want = lin * 4 * 32 + 1 * 4 * (4 * 32) * 32 * 64 + 2 * 64 * 4096 * 4 * 8
+    t = B * (P + G)  # useful tokens: rows x canvas
+    want = lin * t + 1 * 4 * t * (P + G) * 64 + 2 * 64 * 4096 * B * LB
     assert ref["flops"] == want
     assert ref["tflops"] == pytest.approx(want / ref["seconds"] / 1e12)
     assert ref["compiles"] == 0 and len(ref["runs_s"]) == 2
@@ -87,10 +91,12 @@ def test_modes(toy_run):
   assert sp["refresh_rows"] == B * 2 * (G // LB) and sp["reuse_rows"] == B * (G - 2 * G // LB)
   reuse = sp["single_phase"]["reuse"]
   keep = int((P + G - LB) * 0.5)
-  assert reuse["keep_tokens"] == keep
-  assert reuse["bucket"] == dict(refresh_rows=0, length=0, reuse_rows=4, query_rows=8, cand=8)
+  assert reuse["keep_tokens"] == keep and reuse["compiles"] == 0
+  assert reuse["bucket"]["length"] == 0 and reuse["bucket"]["reuse_rows"] >= B
+  assert reuse["bucket"]["candidates"] == B * LB
   lin = _linear_per_token(1, 64, 2, 2, 32, 192)
-  assert reuse["flops"] == lin * 4 * 8 + 1 * 4 * (4 * 8) * (keep + LB) * 64 + 2 * 64 * 4096 * 32
+  t = B * LB
+  assert reuse["flops"] == lin * t + 1 * 4 * t * (keep + LB) * 64 + 2 * 64 * 4096 * B * LB
 
 
 def test_pool_sweep(toy_run):
@@ -113,8 +119,7 @@ def test_pool_sweep(toy_run):
 def test_single_phase_leaves_the_engine_as_it_was():
   import numpy as np
 
-  from dllm_jax.cache.sparse_state import SparseConfig
-  from dllm_jax.config import EngineConfig, SamplingParams
+  from dllm_jax.config import EngineConfig, SamplingParams, SparseConfig
   from dllm_jax.engine.engine import LLM
   from dllm_jax.model.transformer import init_model
 
@@ -133,6 +138,7 @@ def test_single_phase_leaves_the_engine_as_it_was():
     s = ph.single_phase_seconds(llm.core, phase, 2, 28, 4, 0.5, repeats=1, timings=t)
     assert s > 0 and t["compiles"] == 0 and len(t["runs_s"]) == 1
     assert t["keep_tokens"] == (12 if phase == "reuse" else 0)
+    assert t["shapes"]["candidates"] == 2 * 4
     np.testing.assert_array_equal(np.asarray(llm.core.cache.page_table), table)
     np.testing.assert_array_equal(np.asarray(llm.core.cache.kv_len), kv_len)
   assert [o.token_ids for o in llm.generate(prompts, sp)] == first
@@ -140,16 +146,24 @@ def test_single_phase_leaves_the_engine_as_it_was():
     ph.single_phase_seconds(llm.core, "select", 2, 28, 4, 0.5)
   with pytest.raises(ValueError, match="max_running"):
     ph.single_phase_seconds(llm.core, "reuse", 3, 28, 4, 0.5)
+  with pytest.raises(ValueError, match="max_block_length"):
+    ph.single_phase_seconds(llm.core, "refresh", 2, 28, 8, 0.5)
 
 
-def test_step_flops_at_llada_8b_by_hand():
+def test_step_flops_at_8b_dims_by_hand():
   mcfg = e2e.load_model_config("llada-8b")
   per_token = 2 * 32 * (4 * 4096 * 4096 + 3 * 4096 * 12288)
   assert ph.linear_flops_per_token(mcfg) == per_token == 13_958_643_712
-  got = ph.step_flops(mcfg, "refresh", rows=32, length=256, query_rows=32, cand=32, keys=0)
+  got = ph.step_flops(mcfg, "refresh", rows=32, length=256, block=32)
   assert got == per_token * 8192 + 32 * 4 * 8192 * 256 * 4096 + 2 * 4096 * 126464 * 32 * 32
-  got = ph.step_flops(mcfg, "reuse", rows=32, length=0, query_rows=32, cand=32, keys=112 + 32)
+  got = ph.step_flops(mcfg, "reuse", rows=32, length=256, block=32, keep=112)
   assert got == per_token * 1024 + 32 * 4 * 1024 * 144 * 4096 + 2 * 4096 * 126464 * 32 * 32
+  dream = e2e.load_model_config("dream-7b")  # GQA 28:4, one query-only row per Reuse row
+  per_token = 2 * 28 * (3584 * 3584 + 2 * 3584 * 512 + 3584 * 3584 + 3 * 3584 * 18944)
+  got = ph.step_flops(dream, "reuse", rows=2, length=256, block=32, keep=100)
+  assert got == per_token * 66 + 28 * 4 * 66 * 132 * 3584 + 2 * 3584 * 152064 * 2 * 32
+  with pytest.raises(ValueError, match="phase"):
+    ph.step_flops(mcfg, "select", rows=1, length=32, block=8)
 
 
 def test_config_presets_and_shrinking(tmp_path):

@@ -13,9 +13,10 @@ timed. Modes: dense = no sparse cache; dual = SparseConfig(keep_ratio=1.0, selec
 (every token kept: a dual cache); sparse = SparseConfig(keep_ratio=K, selection="per_head").
 
 Reported per mode: tokens/s, first-call seconds and its backend compile events, host share of
-the step (StepStats host / (host + device)), KV pool pages, and single-phase figures: a
-Refresh-only and a Reuse-only step of the workload's shapes timed alone (median) with their
-achieved TFLOP/s under the analytic FLOP model stated in the JSON (``flop_formula``).
+the step (StepStats host / (host + device)), KV pool pages, the timed call's padding waste and
+steps per bucket, and single-phase figures: a Refresh-only and a Reuse-only step of the
+workload's shapes timed alone (median) with their achieved TFLOP/s under the analytic
+(useful-work) FLOP model stated in the JSON (``flop_formula``).
 ``--pool-sweep F1,F2`` repeats one mode with ``memory_budget_bytes`` = F x the free device
 memory measured before the model was built (accelerator memory_stats; on CPU the host's
 available memory or ``--device-memory-gb``).
@@ -144,7 +145,7 @@ def _stats(core) -> dict:
   s = core.stats
   return dict(steps=s.steps, committed=s.committed_tokens, host=s.host_seconds,
               device=s.device_seconds, refresh_rows=s.refresh_rows, reuse_rows=s.reuse_rows,
-              compiles=core.runner.compile_count)
+              fed=s.tokens, bucket_fed=s.bucket_tokens, compiles=core.runner.compile_count)
 
 
 def _phase(core, mcfg, phase, args, keep, rows) -> dict:
@@ -152,13 +153,12 @@ def _phase(core, mcfg, phase, args, keep, rows) -> dict:
   length = args.prompt_len + args.gen_length
   sec = ph.single_phase_seconds(core, phase, rows, length, args.block_length, keep,
                                 repeats=args.repeats, timings=t)
-  sh = t["shapes"]
-  r = sh["refresh_rows"] or sh["reuse_rows"]
-  flops = ph.step_flops(mcfg, phase, rows=r, length=sh["length"], query_rows=sh["query_rows"],
-                        cand=sh["cand"], keys=t["keep_tokens"] + args.block_length)
-  return dict(rows=rows, bucket=sh, keep_tokens=t["keep_tokens"] if phase == "reuse" else None,
-              seconds=sec, runs_s=t["runs_s"], first_call_s=t["first_call_s"],
-              compiles=t["compiles"], flops=flops, tflops=flops / sec / 1e12)
+  flops = ph.step_flops(mcfg, phase, rows=rows, length=length, block=args.block_length,
+                        keep=t["keep_tokens"])
+  return dict(rows=rows, length=length, block=args.block_length, bucket=t["shapes"],
+              keep_tokens=t["keep_tokens"] if phase == "reuse" else None, seconds=sec,
+              runs_s=t["runs_s"], first_call_s=t["first_call_s"], compiles=t["compiles"],
+              flops=flops, tflops=flops / sec / 1e12)
 
 
 def run_mode(model, mcfg, cfg, mode: str, args, prompts, single_phase: bool = True) -> dict:
@@ -180,11 +180,11 @@ def run_mode(model, mcfg, cfg, mode: str, args, prompts, single_phase: bool = Tr
     out["first_call_s"] = time.perf_counter() - t
   out["first_call_compiles"] = dict(engine_executables=core.runner.compile_count,
                                     cache_hits=cs.cache_hits, **ph.summarize_compiles(events))
-  s0 = _stats(core)
+  s0, b0 = _stats(core), core.stats.as_dict()["shape_counts"]
   t = time.perf_counter()
   outs = llm.generate(prompts, sp)
   wall = time.perf_counter() - t
-  s1 = _stats(core)
+  s1, b1 = _stats(core), core.stats.as_dict()["shape_counts"]
   d = {k: s1[k] - s0[k] for k in s0}
   tokens = sum(len(o.token_ids) for o in outs)
   busy = d["host"] + d["device"]
@@ -195,7 +195,10 @@ def run_mode(model, mcfg, cfg, mode: str, args, prompts, single_phase: bool = Tr
              host_seconds=d["host"], device_seconds=d["device"],
              host_share=d["host"] / busy if busy else None,
              host_ms_per_step=1e3 * d["host"] / max(1, d["steps"]),
-             step_ms=1e3 * busy / max(1, d["steps"]))
+             step_ms=1e3 * busy / max(1, d["steps"]),
+             padding_waste=d["bucket_fed"] / d["fed"] if d["fed"] else None,
+             kv_pages_peak=core.stats.kv_pages_peak, running_peak=core.stats.running_peak,
+             buckets={k: n - b0.get(k, 0) for k, n in b1.items() if n > b0.get(k, 0)})
   if single_phase and not args.no_single_phase:
     refresh_rows = max(1, min(args.batch, cfg.max_refresh_rows,
                               cfg.token_budget // (args.prompt_len + args.gen_length)))

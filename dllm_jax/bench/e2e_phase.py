@@ -18,17 +18,16 @@ PHASES = ("refresh", "reuse")
 FLOP_FORMULA = {
     "linear_per_token": "2 * L * (d*Hq*D + 2*d*Hkv*D + Hq*D*d + 3*d*F)  (q, k, v, o, SwiGLU "
                         "gate/up/down; embeddings, norms, RoPE and biases not counted)",
-    "refresh_step": "T = Br*N fed tokens: linear_per_token * T + L * 4 * T * N * Hq*D "
-                    "(QK^T and PV over all N keys, non-causal) + 2 * d * V * Br*C (LM head on "
-                    "the candidate rows)",
-    "reuse_step": "T = Bu*Lq fed tokens: linear_per_token * T + L * 4 * T * (keep + Lb) * Hq*D "
-                  "(each query reads its head's kept tokens plus the block's fresh K/V) + "
-                  "2 * d * V * Bu*C",
+    "refresh_step": "T = rows*N tokens: linear_per_token * T + L * 4 * T * N * Hq*D (QK^T and PV "
+                    "over the row's N keys, non-causal) + 2 * d * V * rows*Lb (LM head on the "
+                    "block's candidates)",
+    "reuse_step": "T = rows*(Lb + s) tokens: linear_per_token * T + L * 4 * T * (keep + Lb) * "
+                  "Hq*D (each query reads its head's kept tokens plus the block's fresh K/V) + "
+                  "2 * d * V * rows*Lb",
     "symbols": "L layers, d hidden size, Hq/Hkv query/KV heads, D head dim, F MLP hidden, V vocab; "
-               "Br/Bu rows and N length of the step's buckets, C candidate bucket (pow2 >= block "
-               "length, >= 8), Lq = C (+1 for Dream's query-only row), Lb block length, keep the "
-               "kept tokens per KV head; padding rows and tokens of a bucket are counted "
-               "(the device computes them)",
+               "rows, N canvas length, Lb block length, keep kept tokens per KV head, s = 1 for "
+               "Dream's query-only row (else 0). Useful work only: the padding of the step's "
+               "bucket is not counted (it lowers the achieved figure)",
     "tflops": "flops / median seconds of the step run alone / 1e12",
 }
 
@@ -39,20 +38,19 @@ def linear_flops_per_token(mcfg) -> int:
   return 2 * mcfg.num_layers * (d * q + 2 * d * kv + q * d + 3 * d * f)
 
 
-def step_flops(mcfg, phase: str, *, rows: int, length: int, query_rows: int, cand: int,
-               keys: int) -> int:
-  """FLOPs of one step of ``phase`` (see FLOP_FORMULA). refresh: ``rows`` x ``length`` tokens,
-  every token attends to ``length`` keys; reuse: ``rows`` x ``query_rows`` tokens attending to
-  ``keys`` keys (kept + block)."""
+def step_flops(mcfg, phase: str, *, rows: int, length: int, block: int, keep: int = 0) -> int:
+  """Useful FLOPs of one step of ``phase`` (see FLOP_FORMULA): refresh = ``rows`` canvases of
+  ``length`` tokens; reuse = ``rows`` blocks of ``block`` tokens attending to ``keep`` kept
+  tokens per KV head plus the block."""
   if phase not in PHASES:
     raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
   qd = mcfg.num_heads * mcfg.head_dim
   if phase == "refresh":
     tokens, keys = rows * length, length
   else:
-    tokens = rows * query_rows
+    tokens, keys = rows * (block + (1 if mcfg.shifted_prediction else 0)), keep + block
   attn = mcfg.num_layers * 4 * tokens * keys * qd
-  head = 2 * mcfg.hidden_size * mcfg.vocab_size * rows * cand
+  head = 2 * mcfg.hidden_size * mcfg.vocab_size * rows * block
   return linear_flops_per_token(mcfg) * tokens + attn + head
 
 
@@ -60,23 +58,24 @@ def single_phase_seconds(core, phase: str, rows: int, length: int, block: int, k
                          repeats: int = 5, timings: dict | None = None) -> float:
   """Median seconds of ONE fused engine step holding only ``phase`` rows, run alone.
 
-  core: an ``EngineCore`` (``LLM.core``) that is idle (no request running);
-  phase: "refresh" -> ``rows`` Refresh rows of ``length`` valid tokens (length bucket
-    pow2 >= length, >= 32), no Select; "reuse" -> ``rows`` Reuse rows of a ``block``-token
-    block at the end of a ``length``-token canvas, each KV head of each row (slots 0..rows-1)
-    attending to n_keep(length - block, keep) kept tokens in the KV pool plus the block;
-  keep: the keep ratio (reuse only);
-  repeats: timed runs after one untimed first call (which compiles the bucket if new).
-  ``timings`` (optional dict) receives: shapes (the bucket), keep_tokens, first_call_s, runs_s,
-  compiles (new step executables of the first call).
+  core: an idle ``EngineCore`` (``LLM.core``);
+  phase "refresh": ``rows`` Refresh rows of ``length`` tokens, no Select, the last ``block``
+    positions of each row are the decode candidates;
+  phase "reuse": ``rows`` Reuse rows of a ``block``-token block at the end of a ``length``-token
+    canvas, each KV head of each row (slots 0..rows-1) attending to n_keep(length - block, keep)
+    kept tokens in the KV pool plus the block, every block position a candidate;
+  keep: the keep ratio (reuse only); repeats: timed runs after one untimed first call (which
+  compiles the bucket if it is new). ``timings`` (optional dict) receives: shapes (the bucket
+  and its layout), keep_tokens, first_call_s, runs_s, compiles (new step executables).
 
-  Engine internals used (ported by whoever changes them): ``engine.batch.Shapes`` and
-  ``dummy_step``, ``runner.pow2_at_least``, ``core._static``, ``core.runner.step`` (donates the
-  cache, returns (cache, x0, commit)), ``core.runner.cache_specs`` / ``.mesh`` with
-  ``parallel.put``, ``core.cache`` (a
-  ``SparseCache``: k/v pool, page_table [slots, L, Hkv, MP], kv_len [slots, L, Hkv]),
-  ``core.pool_cfg``, ``core.reserved_width``, ``core.max_len_bucket``, ``core.mcfg``. The pool's
-  page tables are restored afterwards, so the engine can keep serving.
+  Engine internals used (port them here when they change): ``core.grid.choose`` /
+  ``cand_width``, ``core.layout``, ``core.step_key``, ``engine.batch.dummy_step`` and the
+  StepInputs fields it fills (flat tokens/positions/inverse, refresh index/lengths, reuse
+  index/n_query/new_len/slots, cand src/pos/cell/count), ``core.runner.step`` (donates the
+  cache), ``core.runner.cache_specs`` / ``.mesh`` with ``parallel.put``, ``core.cache`` (a
+  ``SparseCache``: page_table [slots, L, Hkv, MP], kv_len [slots, L, Hkv]), ``core.pool_cfg``,
+  ``core.reserved_width``, ``core.mcfg``. The pool's page tables are restored afterwards, so the
+  engine keeps serving.
   """
   import jax
   import numpy as np
@@ -84,8 +83,7 @@ def single_phase_seconds(core, phase: str, rows: int, length: int, block: int, k
   from dllm_jax import parallel
   from dllm_jax.cache.page_pool import SparseCache
   from dllm_jax.cache.selection import n_keep
-  from dllm_jax.engine.batch import Shapes, dummy_step
-  from dllm_jax.engine.runner import pow2_at_least
+  from dllm_jax.engine.batch import dummy_step
 
   if phase not in PHASES:
     raise ValueError(f"phase: expected one of {PHASES}, got {phase!r}")
@@ -94,36 +92,60 @@ def single_phase_seconds(core, phase: str, rows: int, length: int, block: int, k
   if core.has_unfinished():
     raise RuntimeError("single_phase_seconds needs an idle engine (requests are running)")
   mcfg, pool = core.mcfg, core.pool_cfg
-  cand = pow2_at_least(block, 8)
-  lq = cand + (1 if mcfg.shifted_prediction else 0)
-  br = pow2_at_least(rows)
+  if block > core.grid.cand_width:
+    raise ValueError(f"block: at most max_block_length={core.grid.cand_width}, got {block}")
+  if phase == "reuse" and rows > pool.max_slots:
+    raise ValueError(f"rows: at most max_running={pool.max_slots} Reuse rows, got {rows}")
   i32 = np.int32
-  kept = 0
+  extra = 1 if mcfg.shifted_prediction else 0
+  start = length - block
   if phase == "refresh":
-    n = min(pow2_at_least(length, 32), core.max_len_bucket)
-    shapes = Shapes(refresh_rows=br, length=n, reuse_rows=0, query_rows=lq, cand=cand)
+    shapes = core.grid.choose(rows * length, length, rows, 0)
   else:
-    if rows > pool.max_slots:
-      raise ValueError(f"rows: at most max_running={pool.max_slots} Reuse rows, got {rows}")
-    shapes = Shapes(refresh_rows=0, length=0, reuse_rows=br, query_rows=lq, cand=cand)
-  inp = dummy_step(mcfg, shapes, max_slots=pool.max_slots, reserved_width=core.reserved_width)
-  old = core.cache
-  cache = old
+    shapes = core.grid.choose(rows * (block + extra), 0, 0, rows)
+  if shapes is None:
+    raise ValueError(f"no bucket of this engine holds {rows} {phase} rows of {length} tokens")
+  lay = core.layout(shapes)
+  inp = dummy_step(mcfg, lay, max_slots=pool.max_slots, reserved_width=core.reserved_width)
+  tokens, positions, inverse = (np.array(x) for x in (inp.flat.tokens, inp.flat.positions,
+                                                       inp.flat.inverse))
+  cand = {k: np.array(getattr(inp.cand, k)) for k in ("src", "pos", "cell", "count")}
+  c, j = lay.cand_width, np.arange(block, dtype=i32)
+  src, pos, cell = [], [], []
+  old, cache, kept = core.cache, core.cache, 0
   if phase == "refresh":
-    lengths = np.where(np.arange(br) < rows, min(length, shapes.length), 1).astype(i32)
-    inp = inp.replace(refresh=inp.refresh.replace(lengths=lengths))
+    n = lay.length
+    index, lengths = np.array(inp.refresh.index), np.array(inp.refresh.lengths)
+    for i in range(rows):
+      off = i * length
+      positions[off:off + length] = np.arange(length)
+      inverse[off:off + length] = i * n + np.arange(length)
+      index[i, :length] = off + np.arange(length)
+      lengths[i] = length
+      src.append(off + (np.maximum(start + j - 1, 0) if extra else start + j))
+      pos.append(start + j)
+      cell.append(i * c + j)
+    inp = inp.replace(refresh=inp.refresh.replace(index=index, lengths=lengths))
   else:
     kept = n_keep(length - block, keep)
     mp = pool.max_pages_per_head
     if kept > mp * pool.page_size:
       raise ValueError(f"keep: {kept} tokens per head exceed the page table ({mp} pages)")
-    start = length - block
-    positions = np.zeros((br, lq), i32)
-    positions[:, :cand] = np.minimum(start + np.arange(cand), length - 1)
-    new_len = np.where(np.arange(br) < rows, block, 0).astype(i32)
-    slots = np.minimum(np.arange(br), pool.max_slots - 1).astype(i32)
-    inp = inp.replace(reuse=inp.reuse.replace(positions=positions, new_len=new_len, slots=slots))
-    # Every (row, layer, head) holds `kept` tokens on distinct pages while the pool has them.
+    lq, nq = lay.query_width, block + extra
+    base = lay.refresh_rows * lay.length
+    ru = {k: np.array(getattr(inp.reuse, k)) for k in ("index", "n_query", "new_len", "slots")}
+    for u in range(rows):
+      off = u * nq
+      positions[off:off + block] = start + j
+      if extra:
+        positions[off + block] = start - 1
+      inverse[off:off + nq] = base + u * lq + np.arange(nq)
+      ru["index"][u, :nq] = off + np.arange(nq)
+      ru["n_query"][u], ru["new_len"][u], ru["slots"][u] = nq, block, u
+      src.append(off + (np.where(j == 0, block, j - 1) if extra else j))
+      pos.append(start + j)
+      cell.append((lay.refresh_rows + u) * c + j)
+    inp = inp.replace(reuse=inp.reuse.replace(**ru))
     npg = -(-kept // pool.page_size)
     table = np.zeros(old.page_table.shape, i32)
     heads = table.shape[2]
@@ -134,26 +156,34 @@ def single_phase_seconds(core, phase: str, rows: int, length: int, block: int, k
     specs, mesh = core.runner.cache_specs(), core.runner.mesh
     cache = SparseCache(k=old.k, v=old.v, page_table=parallel.put(table, mesh, specs.page_table),
                         kv_len=parallel.put(kv_len, mesh, specs.kv_len))
-  static = core._static(shapes, False, False)
+  count = min(rows * block, len(cand["src"]))
+  cand["src"][:count] = np.concatenate(src)[:count]
+  cand["pos"][:count] = np.concatenate(pos)[:count]
+  cand["cell"][:count] = np.concatenate(cell)[:count]
+  cand["count"][0] = count
+  inp = inp.replace(flat=inp.flat.replace(tokens=tokens, positions=positions, inverse=inverse),
+                    cand=inp.cand.replace(**cand))
+  key = core.step_key(shapes)
   compiles0 = core.runner.compile_count
   runs = []
   try:
     t = time.perf_counter()
-    cache, x0, _ = core.runner.step(cache, inp, static)
+    cache, x0, _ = core.runner.step(cache, inp, key, key[1])
     jax.block_until_ready(x0)
     first = time.perf_counter() - t
     for _ in range(repeats):
       t = time.perf_counter()
-      cache, x0, _ = core.runner.step(cache, inp, static)
+      cache, x0, _ = core.runner.step(cache, inp, key, key[1])
       jax.block_until_ready(x0)
       runs.append(time.perf_counter() - t)
   finally:  # the step donates the pool: hand the live buffers back (Reuse: the original tables)
     core.cache = cache if phase == "refresh" else SparseCache(
         k=cache.k, v=cache.v, page_table=old.page_table, kv_len=old.kv_len)
   if timings is not None:
-    timings.update(shapes=dict(refresh_rows=shapes.refresh_rows, length=shapes.length,
-                               reuse_rows=shapes.reuse_rows, query_rows=shapes.query_rows,
-                               cand=shapes.cand),
+    timings.update(shapes=dict(tokens=shapes.tokens, length=shapes.length,
+                               refresh_rows=lay.refresh_rows, reuse_rows=lay.reuse_rows,
+                               query_rows=lay.query_width, cand=lay.cand_width,
+                               candidates=count),
                    keep_tokens=kept, first_call_s=first, runs_s=runs,
                    compiles=core.runner.compile_count - compiles0)
   return statistics.median(runs) if runs else first
