@@ -80,7 +80,7 @@ STAGES = (
                                       "--memory-budget-gb", "30"),
           E2E + E2E_TOY + ("--prompt-len", "24", "--modes", "dense,dual,sparse"), 600, 90),
     Stage("e2e_n2048", E2E + E2E_8B + ("--prompt-len", "1984", "--modes", "dual,sparse",
-                                       "--max-refresh-rows", "8", "--memory-budget-gb", "60"),
+                                       "--max-refresh-rows", "8", "--memory-budget-gb", "64"),
           E2E + E2E_TOY + ("--prompt-len", "56", "--modes", "dual,sparse",
                            "--max-refresh-rows", "2"), 600, 90),
     Stage("pool_sweep", E2E + E2E_8B + ("--prompt-len", "192", "--modes", "none",
@@ -159,8 +159,10 @@ def _write(path: str, obj: dict) -> None:
   os.replace(tmp, path)
 
 
-def run_stage(stage: Stage, args, env: dict, info: dict, left: float, done: dict,
+def run_stage(stage: Stage, args, env: dict, info: dict, deadline: float, done: dict,
               cache: str) -> dict:
+  """Run one stage (or skip it) and return its record; ``deadline``: perf_counter() time by
+  which everything must have ended."""
   out = args.out_dir
   raw = os.path.join(out, "raw", f"{stage.name}.json")
   log = os.path.join(out, "logs", f"{stage.name}.log")
@@ -170,6 +172,7 @@ def run_stage(stage: Stage, args, env: dict, info: dict, left: float, done: dict
              returncode=None, result=None, log=log)
   if stage.needs and done.get(stage.needs) != "pass":
     return dict(rec, status="skipped", reason=f"needs {stage.needs} to pass first")
+  left = deadline - time.perf_counter()
   if left < stage.min_s:
     return dict(rec, status="skipped",
                 reason=f"time budget spent ({left:.0f} s left, needs {stage.min_s:.0f})")
@@ -179,7 +182,7 @@ def run_stage(stage: Stage, args, env: dict, info: dict, left: float, done: dict
     shutil.rmtree(os.path.join(cache, "warmup"), ignore_errors=True)
   if os.path.exists(raw):
     os.remove(raw)
-  timeout = min(stage.cap_s, left)
+  timeout = min(stage.cap_s, deadline - time.perf_counter())
   rc, secs = _run(cmd, log, timeout, env)
   try:
     with open(raw) as fh:
@@ -225,15 +228,15 @@ def main(argv=None) -> int:
 def _main(args, wanted: list, cache: str, t0: float) -> int:
   env = _env(args.dry_run, cache)
   summary = dict(dry_run=args.dry_run, budget_s=args.budget_s, stages=[])
-  probe = subprocess.run([PY, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
   try:
-    info = json.loads(probe.stdout.strip().splitlines()[-1])
-  except (ValueError, IndexError):
-    info = None
+    probe = subprocess.run([PY, "-c", PROBE], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    info, err = json.loads(probe.stdout.strip().splitlines()[-1]), probe.stderr
+  except (ValueError, IndexError, subprocess.TimeoutExpired) as e:
+    info, err = None, getattr(e, "stderr", None) or (probe.stderr if "probe" in locals() else "")
   if info is None or (not args.dry_run and info["backend"] != "gpu"):
     why = (f"the backend is {info['backend']!r}, not a GPU" if info else
-           f"jax did not start: {probe.stderr[-2000:]}")
+           f"jax did not start: {str(err)[-2000:]}")
     _write(os.path.join(args.out_dir, "summary.json"),
            dict(summary, passed=False, error=f"assertion failed: {why}", device_info=info))
     print(f"gpu-check: {why}", file=sys.stderr)
@@ -245,8 +248,7 @@ def _main(args, wanted: list, cache: str, t0: float) -> int:
   for stage in STAGES:
     if stage.name not in wanted:
       continue
-    left = args.budget_s - (time.perf_counter() - t0)
-    rec = run_stage(stage, args, env, base, left, done, cache)
+    rec = run_stage(stage, args, env, base, t0 + args.budget_s, done, cache)
     done[stage.name] = rec["status"]
     _write(os.path.join(args.out_dir, f"{stage.name}.json"), rec)
     summary["stages"].append(dict(stage=stage.name, status=rec["status"],
@@ -257,6 +259,7 @@ def _main(args, wanted: list, cache: str, t0: float) -> int:
   summary.update(elapsed_s=time.perf_counter() - t0, passed=not bad,
                  counts={k: sum(s["status"] == k for s in summary["stages"]) for k in STATUSES})
   _write(os.path.join(args.out_dir, "summary.json"), summary)
+  print(f"gpu-check: {summary['counts']} -> {os.path.join(args.out_dir, 'summary.json')}")
   return 1 if bad else 0
 
 
