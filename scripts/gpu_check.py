@@ -228,15 +228,17 @@ def main(argv=None) -> int:
 def _main(args, wanted: list, cache: str, t0: float) -> int:
   env = _env(args.dry_run, cache)
   summary = dict(dry_run=args.dry_run, budget_s=args.budget_s, stages=[])
+  info, err = None, "timed out after 300 s"
   try:
     probe = subprocess.run([PY, "-c", PROBE], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
-    info, err = json.loads(probe.stdout.strip().splitlines()[-1]), probe.stderr
-  except (ValueError, IndexError, subprocess.TimeoutExpired) as e:
-    info, err = None, getattr(e, "stderr", None) or (probe.stderr if "probe" in locals() else "")
+    err = probe.stderr
+    info = json.loads(probe.stdout.strip().splitlines()[-1])
+  except (ValueError, IndexError, subprocess.TimeoutExpired):
+    pass
   if info is None or (not args.dry_run and info["backend"] != "gpu"):
     why = (f"the backend is {info['backend']!r}, not a GPU" if info else
-           f"jax did not start: {str(err)[-2000:]}")
+           f"jax did not start: {err[-2000:]}")
     _write(os.path.join(args.out_dir, "summary.json"),
            dict(summary, passed=False, error=f"assertion failed: {why}", device_info=info))
     print(f"gpu-check: {why}", file=sys.stderr)
