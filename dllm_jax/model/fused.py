@@ -189,8 +189,12 @@ def layer_forward(blk: Block, layer, x, flat: FlatTokens, refresh: RefreshLayout
   outs = []
   if refresh is not None:
     qr, kr, vr = (jnp.take(a, refresh.index, axis=0) for a in (q, k, v))  # [Br, N, H, D]
-    if select is not None:
-      cache = _select_and_store(cache, layer, qr, kr, vr, refresh.lengths, select, st, axis)
+    if select is not None:  # most steps select nothing: skip the scoring and sorting then
+      selecting = jnp.any(select.slots < cache.page_table.shape[0])
+      cache = jax.lax.cond(
+          selecting,
+          lambda c: _select_and_store(c, layer, qr, kr, vr, refresh.lengths, select, st, axis),
+          lambda c: c, cache)
     o = refresh_attention(qr, kr, vr, refresh.lengths, impl=st.refresh_impl)
     outs.append(o.reshape(-1, *o.shape[2:]))
   if reuse is not None:

@@ -247,7 +247,7 @@ def head_sparse_attention(
   if layer is not None:
     layer = jnp.asarray(layer, jnp.int32)
   if impl == "reference":
-    return head_sparse_attention_reference(*args, layer=layer, scale=scale)
+    return head_sparse_attention_reference(*args, layer=layer, q_rows=q_rows, scale=scale)
   if impl == "callback":
     return _callback(*args, layer=layer, q_rows=q_rows, scale=scale)
   block_k, block_q = _kernel_tiles(q, k_pages, block_k, block_q)

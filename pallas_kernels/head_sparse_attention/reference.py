@@ -43,6 +43,20 @@ def key_validity(kv_len: jax.Array, new_len: jax.Array, num_cached: int,
   return jnp.concatenate([cached, fresh], axis=-1)
 
 
+def _attend(q, k, v, valid, scale):
+  """q [..., QB, D], k/v [..., T, D] (f32), valid [..., T] -> [..., QB, D]: one f32 softmax."""
+  hi = lax.Precision.HIGHEST
+  s = jnp.einsum("...qd,...td->...qt", q, k, precision=hi) * scale
+  s = jnp.where(valid[..., None, :], s, -jnp.inf)          # also drops NaN scores of garbage pages
+  m = jnp.max(s, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)                    # rows with no valid key
+  p = jnp.where(valid[..., None, :], jnp.exp(s - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  v = jnp.where(valid[..., None], v, 0.0)                   # 0 * NaN guard
+  o = jnp.einsum("...qt,...td->...qd", p, v, precision=hi)
+  return o / jnp.where(l > 0, l, 1.0)
+
+
 def head_sparse_attention_reference(
     q: jax.Array,
     k_pages: jax.Array,
@@ -54,28 +68,37 @@ def head_sparse_attention_reference(
     new_len: jax.Array,
     *,
     layer=None,
+    q_rows=None,
     scale: float | None = None,
 ) -> jax.Array:
   """Reference head-sparse attention; shapes as in ops.head_sparse_attention -> [B, Hkv, QB, D].
 
   Lengths outside [0, MP*S] / [0, Ln] behave as if clamped (the kernel clamps explicitly).
+  With ``q_rows`` [B], requests run one at a time and a request with no query row in use is
+  skipped (zeros): padding rows of a bucket cost nothing on the CPU path.
   """
   head_dim = q.shape[-1]
   scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
   f32 = jnp.float32
+  num_fresh = k_new.shape[2]
 
-  k = jnp.concatenate([gather_cached(k_pages, page_table, layer), k_new], axis=2).astype(f32)
-  v = jnp.concatenate([gather_cached(v_pages, page_table, layer), v_new], axis=2).astype(f32)
-  num_cached = k.shape[2] - k_new.shape[2]
-  valid = key_validity(kv_len, new_len, num_cached, k_new.shape[2])           # [B, Hkv, T]
+  def keys(pt, kl, kn, vn, nl):
+    """K, V [..., MP*S + Ln, D] f32 and validity of (a batch of) requests."""
+    k = jnp.concatenate([gather_cached(k_pages, pt, layer), kn], axis=-2).astype(f32)
+    v = jnp.concatenate([gather_cached(v_pages, pt, layer), vn], axis=-2).astype(f32)
+    return k, v, key_validity(kl, nl, k.shape[-2] - num_fresh, num_fresh)
 
-  hi = lax.Precision.HIGHEST
-  s = jnp.einsum("bhqd,bhtd->bhqt", q.astype(f32), k, precision=hi) * scale
-  s = jnp.where(valid[:, :, None, :], s, -jnp.inf)        # also drops NaN scores from garbage pages
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)                    # rows with no valid key
-  p = jnp.where(valid[:, :, None, :], jnp.exp(s - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  v = jnp.where(valid[..., None], v, 0.0)                   # 0 * NaN guard
-  o = jnp.einsum("bhqt,bhtd->bhqd", p, v, precision=hi)
-  return (o / jnp.where(l > 0, l, 1.0)).astype(q.dtype)
+  if q_rows is None:
+    k, v, valid = keys(page_table, kv_len, k_new, v_new, new_len)            # [B, Hkv, T]
+    return _attend(q.astype(f32), k, v, valid, scale).astype(q.dtype)
+
+  def one(args):
+    qb, pt, kl, kn, vn, nl, used = args
+
+    def run():
+      k, v, valid = keys(pt[None], kl[None], kn[None], vn[None], nl[None])
+      return _attend(qb[None].astype(f32), k, v, valid, scale)[0].astype(q.dtype)
+
+    return lax.cond(used > 0, run, lambda: jnp.zeros(qb.shape, q.dtype))
+
+  return lax.map(one, (q, page_table, kv_len, k_new, v_new, new_len, q_rows))
