@@ -171,7 +171,7 @@ def setup_profile(p: argparse.ArgumentParser) -> None:
   p.description = ("Offline memory profile: weights, the Refresh step's activation peak, logit "
                    "peaks and the KV pool a device has room for. Exits 1 if the model does "
                    "not fit.")
-  _use(p, "dllm_jax.logits.profiler", "add_profile_args", "run_profile", cache=False)
+  _use(p, "dllm_jax.engine.profiler", "add_profile_args", "run_profile", cache=False)
 
 
 def setup_serve(p: argparse.ArgumentParser) -> None:

@@ -250,7 +250,7 @@ def run_generate(args) -> int:
   prompts = read_prompts(args)
   sp = sampling_params(args, generation_defaults(path))
 
-  from dllm_jax.decoding.dense import LogitPlan
+  from dllm_jax.sampling.plan import LogitPlan
   from dllm_jax.engine.engine import LLM
 
   plan = LogitPlan(variant=args.logits) if args.logits not in (None, "auto") else None

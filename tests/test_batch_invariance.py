@@ -18,6 +18,7 @@ import pytest
 
 import decoding_reference as R
 from dllm_jax.config import SamplingParams
+from dllm_jax.testing.static_decoder import generate_static
 
 MASK, EOS, EOT = R.MASK, R.EOS, R.EOT
 
@@ -111,8 +112,8 @@ def test_static_path_batch_invariance():
   model = R.tiny_model("llada")
   llm = R.make_llm(model)
   _, prompt, sp = TARGETS["llada"][1]
-  alone = llm.generate_static([prompt], sp, return_trace=True)[0]
+  alone = generate_static(llm, [prompt], sp, return_trace=True)[0]
   batch = [NEIGHBOURS[0], LONG, (prompt, sp)]
-  outs = llm.generate_static([p for p, _ in batch], [s for _, s in batch], return_trace=True)
+  outs = generate_static(llm, [p for p, _ in batch], [s for _, s in batch], return_trace=True)
   assert key(outs[2]) == key(alone)
   assert key(alone) == key(_alone(llm, model, prompt, sp))

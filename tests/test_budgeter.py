@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dllm_jax.logits import budgeter, variants
+from dllm_jax.sampling import budgeter, variants
 
 GIB, MIB = 2**30, 2**20
 
@@ -117,7 +117,7 @@ def test_sweep_never_over_budget(rows, d, vocab, dtype, backend):
 # ---- calibration: the choice follows measured time per backend / device ----
 
 from dllm_jax.bench import logits_calibrate  # noqa: E402
-from dllm_jax.logits import calibration  # noqa: E402
+from dllm_jax.sampling import calibration  # noqa: E402
 
 
 def _table(backend, costs, ns=(64, 256, 1024), **key):

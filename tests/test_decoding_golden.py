@@ -18,13 +18,16 @@ model family share their compiled step (canvas <= 32, blocks <= 8): compiles dom
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import decoding_reference as R
 from dllm_jax.config import SamplingParams
-from dllm_jax.decoding import schedule
+from dllm_jax.sampling import schedule
+from dllm_jax.testing.static_decoder import generate_static
 
 MASK, EOS, EOT = R.MASK, R.EOS, R.EOT
 PA, PB, PC = [3, 17, 29, 5], [8, 9], [40, 41, 42, 43, 44, 45]
@@ -158,7 +161,7 @@ def test_dream_schedule_integer_vs_float():
       boundary += diff.size
     # the last step commits everything left
     assert schedule.dream_counts_host(17, steps, steps - 1) == 17
-  assert boundary > 0  # the exact-boundary cases exist (documented in decoding/schedule.py)
+  assert boundary > 0  # the exact-boundary cases exist (documented in sampling/schedule.py)
   # small canvases (our fixtures): the two forms agree
   for steps in range(1, 33):
     for i in range(steps):
@@ -302,7 +305,7 @@ EMPTY_SP = SamplingParams(gen_length=8, schedule="dream", steps=4, confidence="r
 
 def test_dream_empty_prompt_static_path(dream, dream_llm):
   """No prompt: canvas position 0 is a candidate and keeps its own logits row (Dream's shift)."""
-  out = dream_llm.generate_static([[]], EMPTY_SP, return_trace=True)[0]
+  out = generate_static(dream_llm, [[]], EMPTY_SP, return_trace=True)[0]
   assert_matches(out, reference(dream, [], EMPTY_SP), "static, empty prompt")
 
 
@@ -358,7 +361,8 @@ def test_mixed_batch_each_row_matches_its_reference(llada, path):
   llm = R.make_llm(llada, max_refresh_rows=8)
   prompts = [p for p, _ in MIXED]
   sps = [sp for _, sp in MIXED]
-  outs = getattr(llm, path)(prompts, sps, return_trace=True)
+  run = llm.generate if path == "generate" else functools.partial(generate_static, llm)
+  outs = run(prompts, sps, return_trace=True)
   for i, (out, (p, sp)) in enumerate(zip(outs, MIXED)):
     assert out.prompt_token_ids == p and len(out.token_ids) == sp.gen_length
     assert_matches(out, reference(llada, p, sp), f"{path} row {i} {sp!r}")
@@ -438,5 +442,5 @@ def test_mask_id_prediction_still_finishes(llada, logits):
   out = finished[0]
   assert MASK not in out.token_ids and out.nfe == sp.effective_steps
   assert out.token_ids == ref.tokens, f"{logits}: {out.token_ids} vs reference {ref.tokens}"
-  static = llm.generate_static([PA], sp)[0]  # the dense path applies the same rule
+  static = generate_static(llm, [PA], sp)[0]  # the dense path applies the same rule
   assert static.token_ids == ref.tokens

@@ -27,6 +27,7 @@ from dllm_jax.engine.core import QueueFull
 from dllm_jax.engine.engine import LLM
 from dllm_jax.engine.runner import Runner
 from dllm_jax.model.transformer import init_model
+from dllm_jax.testing.static_decoder import generate_static
 
 MASK, EOS = 63, 62
 LLADA = dict(model_type="llada", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
@@ -215,7 +216,7 @@ def cases(ref_llm):
   dense = [i for i, c in enumerate(many_sparse) if c is None or not c.enabled]
   prompts = workload[0] + kinds[0] + [many_p[i] for i in dense]
   sps = workload[1] + kinds[1] + [many_sp[i] for i in dense]
-  refs = ref_llm.generate_static(prompts, sps)
+  refs = generate_static(ref_llm, prompts, sps)
   return dict(workload=(*workload, refs[:8]), kinds=(*kinds, refs[8:10]),
               many=(many_p, many_sp, many_sparse, dict(zip(dense, refs[10:]))))
 
@@ -273,7 +274,7 @@ def test_dream_engine_matches_static():
   prompts = [random_prompt(rng) for _ in range(4)]
   sps = [random_params(rng) for _ in range(4)]
   sps[0] = SamplingParams(gen_length=8, schedule="dream", temperature=0.7, seed=1)
-  refs = llm.generate_static(prompts, sps)
+  refs = generate_static(llm, prompts, sps)
   outs = run_interleaved(llm, prompts, sps, arrive=[0, 0, 2, 3])
   assert_same(outs, refs)
   assert_idle(llm)
@@ -377,7 +378,7 @@ def test_eos_early_finish_frees_resources_at_once(eos_llm):
   sp_stop = SamplingParams(gen_length=16, block_length=8, steps=16, confidence="random", seed=3)
   sp_run = SamplingParams(gen_length=16, block_length=8, steps=16, stop_on_eos=False)
   prompts = [[1, 2, 3], [4, 5, 6, 7]]
-  ref = llm.generate_static(prompts, sp_stop)
+  ref = generate_static(llm, prompts, sp_stop)
   assert all(r.finish_reason == "eos" and r.nfe < 16 for r in ref)
   assert_same(llm.generate(prompts, sp_stop), ref)  # dense: the same early finish
   # Sparse: the stopping request frees its pages and slot in the step it finishes, while the

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import noise
-from dllm_jax.logits import variants
+from dllm_jax.sampling import variants
 
 R, D, V = 50, 64, 1000          # R not a multiple of C, V not a multiple of Tv
 C, TV = 16, 128

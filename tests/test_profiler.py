@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from dllm_jax.config import ModelConfig
-from dllm_jax.logits import profiler
+from dllm_jax.engine import profiler
 
 GIB = 2**30
 

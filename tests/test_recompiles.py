@@ -20,7 +20,7 @@ import pytest
 from dllm_jax.cache.sparse_state import SparseConfig
 from dllm_jax.config import EngineConfig, ModelConfig, SamplingParams
 from dllm_jax.engine.engine import LLM
-from dllm_jax.engine.grid import Grid, Shapes
+
 from dllm_jax.model.transformer import init_model
 
 MASK, EOS = 63, 62

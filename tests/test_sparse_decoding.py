@@ -44,6 +44,7 @@ from dllm_jax.config import EngineConfig, ModelConfig, SamplingParams  # noqa: E
 from dllm_jax.engine.engine import DEMO_MODEL_DIR, LLM  # noqa: E402
 from dllm_jax.model.fused import ReusePart, SelectPart, SparseStatic, step_forward  # noqa: E402
 from dllm_jax.model.transformer import RefreshPart, init_model  # noqa: E402
+from dllm_jax.testing.static_decoder import generate_static
 
 MASK, EOS, EOT = 63, 62, 61
 VOCAB = 64
@@ -450,7 +451,7 @@ def _matrix(family: str):
 def test_one_layer_ratio_one_matches_dense(family):
   llm = llm_for(family, 1)
   prompts, sps, sparses = _matrix(family)
-  dense = llm.generate_static(prompts, sps)
+  dense = generate_static(llm, prompts, sps)
   before = (llm.core.stats.select_rows, llm.core.stats.reuse_rows)
   outs = llm.generate(prompts, sps, sparse=sparses)
   assert llm.core.stats.select_rows > before[0] and llm.core.stats.reuse_rows > before[1]
@@ -532,7 +533,7 @@ def test_empty_prompt_single_block_has_no_candidates(family, delay):
   only, which is all there is, so even a 2-layer model decodes exactly as dense."""
   llm = llm_for(family, 2)
   sp = SamplingParams(gen_length=8, block_length=8, steps=8, stop_on_eos=False)
-  (dense,) = llm.generate_static([[]], sp)
+  (dense,) = generate_static(llm, [[]], sp)
   before = llm.core.stats.reuse_rows
   # generate() rejects an empty prompt (a known add_request bug, see tests/test_engine.py), so the
   # engine core is driven directly
@@ -557,7 +558,7 @@ def test_blocks_finished_by_threshold_before_select(delay):
   rng = np.random.default_rng(delay)
   prompts = [rand_prompt(rng, 7), rand_prompt(rng, 4)]
   sp_all = SamplingParams(gen_length=16, block_length=8, rule="threshold", threshold=1e-6)
-  dense = llm.generate_static(prompts, sp_all)
+  dense = generate_static(llm, prompts, sp_all)
   before = (stats.select_rows, stats.reuse_rows, stats.refresh_rows)
   outs = llm.generate(prompts, sp_all, sparse=SparseConfig(keep_ratio=0.5, delay=delay))
   assert [o.token_ids for o in outs] == [d.token_ids for d in dense]
@@ -567,7 +568,7 @@ def test_blocks_finished_by_threshold_before_select(delay):
 
   sp_mid = SamplingParams(gen_length=16, block_length=8, rule="threshold", threshold=0.35,
                           temperature=0.6, seed=9)
-  dense = llm.generate_static(prompts, sp_mid)
+  dense = generate_static(llm, prompts, sp_mid)
   outs = llm.generate(prompts, sp_mid, sparse=SparseConfig(keep_ratio=1.0, delay=delay))
   assert [o.token_ids for o in outs] == [d.token_ids for d in dense]
   assert_idle(llm)

@@ -21,7 +21,6 @@ import contextlib
 import math
 import warnings
 
-import jax
 import pytest
 
 from dllm_jax.config import EngineConfig, ModelConfig

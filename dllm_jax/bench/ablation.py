@@ -195,11 +195,11 @@ def engine_config_for(rung: Rung, engine: dict, *, memory_budget: int, activatio
 
 def require_budgeter() -> None:
   try:
-    import dllm_jax.logits.budgeter  # noqa: F401
+    import dllm_jax.sampling.budgeter  # noqa: F401
   except ImportError as e:
     raise ValueError(
         "the ablation enforces memory budgets, whose activation estimates come from "
-        f"dllm_jax.logits.budgeter, which cannot be imported ({e})") from None
+        f"dllm_jax.sampling.budgeter, which cannot be imported ({e})") from None
 
 
 # Warm-up -------------------------------------------------------------------------------------
@@ -247,7 +247,6 @@ def prepare_rung(rung: Rung, model, engine_cfg, items: Sequence[W.WorkItem], *,
   not traced and compiled again for the next. Each rung reports the compilations its warm-up
   and its runs triggered.
   """
-  from dllm_jax.bench.driver import sampling_params_for
   from dllm_jax.engine.engine import LLM
   llm = LLM(model, engine_config=engine_cfg)
   core = llm.core

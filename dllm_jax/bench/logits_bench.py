@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from dllm_jax.bench import logits_calibrate as cal
-from dllm_jax.logits import budgeter
+from dllm_jax.sampling import budgeter
 from pallas_kernels.fused_lm_head import ops
 
 LLADA = (4096, 126464)

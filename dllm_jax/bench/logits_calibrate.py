@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dllm_jax.logits import calibration, variants
+from dllm_jax.sampling import calibration, variants
 from pallas_kernels.fused_lm_head import tiles
 
 SIZES = {  # backend -> (d, vocab, dtype, row counts)

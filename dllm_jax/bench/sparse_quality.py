@@ -2,7 +2,8 @@
 
 For held-out prompts of the bundled demo corpus (token prefixes of ``load_corpus("heldout")``
 documents, tokenized with the model's tokenizer, no chat template), every prompt is decoded once
-densely (``LLM.generate_static``, the on-device reference path) and once per selection mode
+densely (the engine with the sparse cache off, ``sparse=SparseConfig(enabled=False)``) and once
+per selection mode
 (``shared`` / ``per_head`` / ``per_head_adaptive``) with a sparse cache of the given keep ratio
 through the continuous-batching engine. Reported per mode: the **agreement**, i.e. the fraction
 of generated positions whose token equals the dense one (mean over prompts; min / max shown).
@@ -66,12 +67,11 @@ def measure(llm, prompts: list[list[int]], *, gen_length: int = 32, block_length
   Returns {"dense": [[tokens] per prompt], "modes": {mode: {"agreement": mean,
   "per_prompt": [...], "tokens": [[...]]}}, plus the settings}.
   """
-  from dllm_jax.config import SparseConfig
-  from dllm_jax.config import SamplingParams
+  from dllm_jax.config import SamplingParams, SparseConfig
 
   sp = SamplingParams(gen_length=gen_length, block_length=block_length, steps=gen_length,
                       temperature=0.0, rule="fixed", stop_on_eos=False)
-  dense = [o.token_ids for o in llm.generate_static(prompts, sp)]
+  dense = [o.token_ids for o in llm.generate(prompts, sp, sparse=SparseConfig(enabled=False))]
   result = dict(gen_length=gen_length, block_length=block_length, keep_ratio=keep_ratio,
                 delay=delay, pool_kernel=pool_kernel, num_prompts=len(prompts), dense=dense,
                 modes={})

@@ -17,7 +17,7 @@ import numpy as np
 from dllm_jax.cache.selection import MODES
 from dllm_jax.cache.sparse_state import Phase
 from dllm_jax.config import ModelConfig
-from dllm_jax.engine.decode import CandidateInputs
+from dllm_jax.sampling.decode import CandidateInputs
 from dllm_jax.engine.grid import Grid, Shapes
 from dllm_jax.engine.request import Request
 from dllm_jax.model.fused import FlatTokens, RefreshLayout, ReuseLayout, SelectPart

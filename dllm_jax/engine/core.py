@@ -14,17 +14,16 @@ import time
 from collections import deque
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
 from dllm_jax.cache.page_pool import (PoolConfig, ShardedPageAllocator, SlotAllocator,
                                       init_cache, max_keep, pages_needed)
 from dllm_jax.cache.sparse_state import Phase
 from dllm_jax.config import EngineConfig, SamplingParams, SparseConfig
-from dllm_jax.decoding.dense import LogitPlan
+from dllm_jax.sampling.plan import LogitPlan
 from dllm_jax.engine import memory
 from dllm_jax.engine.batch import Layout, build_step, dummy_step, step_tokens
-from dllm_jax.engine.decode import DecodeStatic, chunk_rows
+from dllm_jax.sampling.decode import DecodeStatic, chunk_rows
 from dllm_jax.engine.grid import Grid, Shapes, pow2_at_least
 from dllm_jax.engine.request import Request, Status
 from dllm_jax.engine.runner import Runner, StepStatic

@@ -12,16 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Sequence
+from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from dllm_jax.config import EngineConfig, SamplingParams, SparseConfig
-from dllm_jax.decoding import rules
-from dllm_jax.decoding.dense import DecodeState, LogitPlan, RowSpec, StepStatic, make_step_fn
+from dllm_jax.sampling.plan import LogitPlan
 from dllm_jax.engine.core import EngineCore
 from dllm_jax.model.transformer import Transformer
 
@@ -49,21 +45,13 @@ class GenerationOutput:
   metrics: dict | None = None
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pow2(x: int) -> int:
-  return 1 << max(0, (x - 1).bit_length())
-
-
 class LLM:
   """A diffusion LM ready to generate.
 
   model: a directory in HF layout (config.json + safetensors [+ tokenizer files,
     generation_config.json]), a :class:`Transformer`, or None for the bundled demo model.
   tokenizer: optional; loaded from the model directory when there is one.
-  logit_plan: how (token, confidence) are computed from hidden rows (see dllm_jax.logits).
+  logit_plan: how (token, confidence) are computed from hidden rows (see dllm_jax.sampling).
   compile_cache: opt in to JAX's persistent compilation cache (dllm_jax/compile_cache.py):
     True for the default directory, or a directory. None / False (default) changes nothing in
     JAX's global configuration; a directory the user already gave JAX is always respected.
@@ -101,8 +89,6 @@ class LLM:
           generation_config = json.load(fh)
     self.generation_config = dict(generation_config or {})
     self.logit_plan = logit_plan or LogitPlan()
-    self._graphdef, self._params = nnx.split(model)
-    self._steps: dict[StepStatic, Any] = {}
     self.engine_config = engine_config or EngineConfig()
     self._core: EngineCore | None = None
     self._devices = devices
@@ -194,7 +180,7 @@ class LLM:
     gen = req.generated.tolist()
     return GenerationOutput(
         index=0, prompt_token_ids=list(req.prompt_ids), token_ids=gen,
-        text=self._text(gen), nfe=req.step, finish_reason=req.finish_reason or "length",
+        text=self.text(gen), nfe=req.step, finish_reason=req.finish_reason or "length",
         prompt=req.prompt, trace=req.trace, request_id=req.request_id,
         metrics=dict(arrival=req.arrival, first_token=req.first_token_time,
                      finish=req.finish_time))
@@ -202,18 +188,6 @@ class LLM:
   # Public API ---------------------------------------------------------------------------------
   def default_sampling_params(self) -> SamplingParams:
     return SamplingParams().with_defaults(self.generation_config)
-
-  def generate_static(self, prompts, sampling_params=None, *, return_trace: bool = False,
-                      progress=None) -> list[GenerationOutput]:
-    """Dense decoding of a static batch, entirely on device (one jitted step over the canvas).
-
-    The reference path for the engine: ``generate`` (continuous batching) must give the same
-    tokens. ``prompts``: a string, a list of strings, a list of token ids, or a list of token-id
-    lists. ``sampling_params``: one for all or one per prompt.
-    """
-    texts, ids = self._prompt_ids(prompts)
-    sps = self._sampling_params(sampling_params, len(ids))
-    return self._run_static(ids, sps, texts, return_trace, progress)
 
   def chat(self, messages, sampling_params=None, sparse=None, **kw) -> list[GenerationOutput]:
     """Apply the tokenizer's chat template, then :meth:`generate`. ``messages``: one
@@ -270,83 +244,16 @@ class LLM:
         raise ValueError(f"sampling_params: expected one SamplingParams or a list of {n}")
     return [s.with_defaults(self.generation_config) for s in sps]
 
-  def _step_fn(self, static: StepStatic):
-    fn = self._steps.get(static)
-    if fn is None:
-      fn = self._steps[static] = make_step_fn(self._graphdef, static)
-    return fn
-
-  def _run_static(self, ids, sps, texts, return_trace, progress) -> list[GenerationOutput]:
-    cfg = self.cfg
-    for i, (p, sp) in enumerate(zip(ids, sps)):
-      if len(p) + sp.gen_length > cfg.max_position:
-        raise ValueError(f"prompt {i}: {len(p)} prompt + {sp.gen_length} generated tokens exceed "
-                         f"the model's {cfg.max_position} positions")
-    b_real = len(ids)
-    b = _pow2(b_real)
-    n = _round_up(max(len(p) + sp.gen_length for p, sp in zip(ids, sps)), 32)
-    width = _pow2(max(sp.block_length for sp in sps))
-    tokens = np.full((b, n), cfg.pad_token_id, np.int32)
-    lengths = np.ones((b,), np.int32)
-    spec = {k: np.zeros((b,), np.int32) for k in ("gen_start", "gen_len", "block_len", "steps",
-                                                    "confidence", "rule", "schedule")}
-    spec.update(temperature=np.zeros((b,), np.float32), threshold=np.ones((b,), np.float32),
-                factor=np.ones((b,), np.float32), seed=np.zeros((b,), np.uint32),
-                stop_on_eos=np.zeros((b,), bool))
-    spec["block_len"][:] = 1
-    spec["steps"][:] = 1
-    for i, (p, sp) in enumerate(zip(ids, sps)):
-      tokens[i, :len(p)] = p
-      tokens[i, len(p):len(p) + sp.gen_length] = cfg.mask_token_id
-      lengths[i] = len(p) + sp.gen_length
-      spec["gen_start"][i], spec["gen_len"][i] = len(p), sp.gen_length
-      spec["block_len"][i], spec["steps"][i] = sp.block_length, sp.effective_steps
-      spec["temperature"][i], spec["threshold"][i], spec["factor"][i] = (
-          sp.temperature, sp.threshold, sp.factor)
-      spec["confidence"][i] = rules.CONFIDENCE_IDS[sp.confidence]
-      spec["rule"][i] = rules.RULE_IDS[sp.rule]
-      spec["schedule"][i] = rules.SCHEDULE_IDS[sp.schedule]
-      spec["seed"][i] = sp.seed
-      spec["stop_on_eos"][i] = sp.stop_on_eos
-    done = np.arange(b) >= b_real
-    static = StepStatic(
-        cand_width=width, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
-        eos_ids=cfg.eos_ids, shifted=cfg.shifted_prediction, plan=self.logit_plan,
-        want_margin=any(sp.confidence == "margin" for sp in sps),
-        want_entropy=any(sp.confidence == "entropy" for sp in sps))
-    step = self._step_fn(static)
-    spec = RowSpec(**{k: jnp.asarray(v) for k, v in spec.items()})
-    state = DecodeState(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
-                        step=jnp.zeros((b,), jnp.int32), done=jnp.asarray(done))
-    traces = [[] for _ in range(b_real)] if return_trace else None
-    finished = done
-    while not finished.all():
-      state, _ = step(self._params, spec, state)
-      finished = np.asarray(state.done)  # one small device->host read per step
-      if traces is not None:
-        canvas = np.asarray(state.tokens)
-        for i in range(b_real):
-          if not done[i]:
-            traces[i].append(canvas[i, len(ids[i]):len(ids[i]) + sps[i].gen_length].tolist())
-        done = finished.copy()
-      if progress is not None:
-        progress(int(finished[:b_real].sum()), b_real)
-    canvas = np.asarray(state.tokens)
-    nfe = np.asarray(state.step)
-    outs = []
-    for i, (p, sp) in enumerate(zip(ids, sps)):
-      gen = canvas[i, len(p):len(p) + sp.gen_length].tolist()
-      outs.append(GenerationOutput(
-          index=i, prompt_token_ids=list(p), token_ids=gen, text=self._text(gen), nfe=int(nfe[i]),
-          finish_reason=self._finish_reason(gen), prompt=texts[i],
-          trace=traces[i] if traces is not None else None))
-    return outs
-
-  def _text(self, gen: list[int]) -> str | None:
+  def text(self, token_ids: list[int]) -> str | None:
+    """The text of generated ids up to the first EOS / EoT (special tokens skipped), or None
+    without a tokenizer."""
     if self.tokenizer is None:
       return None
-    stop = next((j for j, t in enumerate(gen) if t in self.cfg.eos_ids), len(gen))
-    return self.tokenizer.decode(gen[:stop], skip_special_tokens=True)
+    stop = next((j for j, t in enumerate(token_ids) if t in self.cfg.eos_ids), len(token_ids))
+    return self.tokenizer.decode(token_ids[:stop], skip_special_tokens=True)
 
-  def _finish_reason(self, gen: list[int]) -> str:
-    return "eos" if any(t in self.cfg.eos_ids for t in gen) else "length"
+  def prepare(self, prompts, sampling_params=None):
+    """(texts, token-id lists, SamplingParams with the model's defaults) for ``generate``-style
+    arguments, validated (ValueError naming the prompt)."""
+    texts, ids = self._prompt_ids(prompts)
+    return texts, ids, self._sampling_params(sampling_params, len(ids))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from dllm_jax.config import EngineConfig, ModelConfig
-from dllm_jax.decoding.dense import LogitPlan
+from dllm_jax.sampling.plan import LogitPlan
 
 
 def logit_plan(cfg: EngineConfig, mcfg: ModelConfig, rows: int, dtype) -> LogitPlan:
@@ -22,21 +22,19 @@ def logit_plan(cfg: EngineConfig, mcfg: ModelConfig, rows: int, dtype) -> LogitP
   if cfg.logits != "auto":
     return LogitPlan(variant=cfg.logits, chunk_rows=cfg.chunk_rows or 256,
                      vocab_tile=cfg.vocab_tile or 2048)
-  from dllm_jax.logits import budgeter
+  from dllm_jax.sampling import budgeter
   budget = cfg.activation_budget_bytes or (1 << 62)
-  choice = budgeter.choose(budget // 2, rows, mcfg.hidden_size, mcfg.vocab_size,
-                           jnp.dtype(dtype))
-  return LogitPlan(variant=choice.variant, chunk_rows=choice.chunk_rows or 256,
-                   vocab_tile=choice.vocab_tile or 2048)
+  return budgeter.choose(budget // 2, rows, mcfg.hidden_size, mcfg.vocab_size, jnp.dtype(dtype))
 
 
 def logit_bytes(mcfg: ModelConfig, plan: LogitPlan, rows: int, fed_rows: int, dtype) -> int:
-  from dllm_jax.logits import budgeter
+  from dllm_jax.sampling import budgeter
   variant = plan.variant
   r = fed_rows if variant == "full" else rows
   return budgeter.estimate_bytes(variant if variant != "full" else "rows", r, mcfg.hidden_size,
                                  mcfg.vocab_size, jnp.dtype(dtype), plan.chunk_rows,
-                                 plan.vocab_tile)
+                                 plan.vocab_tile,
+                                 impl="pallas" if plan.impl == "pallas" else "xla")
 
 
 def step_activation_bytes(mcfg: ModelConfig, lay, plan: LogitPlan, dtype, *,

@@ -16,7 +16,7 @@ from dllm_jax.cache.page_pool import max_keep, pages_needed
 from dllm_jax.cache.selection import n_keep
 from dllm_jax.cache.sparse_state import Phase, phase_of
 from dllm_jax.config import ModelConfig, SamplingParams, SparseConfig
-from dllm_jax.decoding import rules, schedule
+from dllm_jax.sampling import rules, schedule
 
 
 class Status(enum.Enum):

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from dllm_jax import parallel
 from dllm_jax.cache.page_pool import SparseCache
 from dllm_jax.engine.batch import StepInputs
-from dllm_jax.engine.decode import DecodeStatic, decode_and_commit
+from dllm_jax.sampling.decode import DecodeStatic, decode_and_commit
 from dllm_jax.model.fused import SparseStatic, flat_forward
 from dllm_jax.model.transformer import Transformer
 

@@ -3,7 +3,7 @@
   fused_lm_head(hidden [R, d], head [d, V], temperature [R], seed [R], step [R], position [R])
     -> FusedOut(token int32 [R], confidence f32 [R], margin [R]|None, entropy [R]|None)
 
-Semantics (dllm_jax/logits/variants.py): clean logits l = hidden @ head in f32; token = argmax of
+Semantics (the decode head's logit variants): clean logits l = hidden @ head in f32; token = argmax of
 l + T*gumbel(seed, step, position, token id), ties to the lowest id; confidence = softmax(l)[token];
 margin = p1 - p2 of softmax(l); entropy = sum p log p. ``exclude_id`` (the mask id) is never the
 token, but stays in the softmax.

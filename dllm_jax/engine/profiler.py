@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from dllm_jax.config import ModelConfig
-from dllm_jax.logits import budgeter
+from dllm_jax.sampling import budgeter
 
 VARIANTS = ("full", "rows", "row_chunked", "vocab_tiled")
 

@@ -1,4 +1,12 @@
-"""One dense decoding step for a static batch of heterogeneous requests, as a pure function.
+"""The static on-device decoder: a TEST-ONLY reference for the engine (never used by it).
+
+``generate_static(llm, prompts, ...)`` decodes a static batch densely, entirely on device (one
+jitted step over the whole canvas per forward pass); ``LLM.generate`` (continuous batching) must
+give the same tokens. It shares the engine's model forward (``Transformer.refresh`` is the fused
+step's layer body) and decode head (sampling/variants.py, rules.py, schedule.py); it differs in
+everything the engine adds: paging, buckets, the scheduler, the host-side canvas.
+
+One dense decoding step for a static batch of heterogeneous requests, as a pure function.
 
 Every row carries its own sampling parameters as arrays, so one compiled step serves a batch that
 mixes lengths, block lengths, step counts, rules, confidence kinds and temperatures. Each step:
@@ -11,27 +19,19 @@ EOS early finish.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from dllm_jax.decoding import rules, schedule
-from dllm_jax.logits import variants
+from dllm_jax.sampling import rules, schedule, variants
+from dllm_jax.sampling.plan import LogitPlan
 from dllm_jax.model.transformer import Transformer, shift_for_prediction
 
 _BIG = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class LogitPlan:
-  """Which logit variant computes (token, confidence), and its tile sizes."""
-
-  variant: str = "rows"
-  chunk_rows: int = 256
-  vocab_tile: int = 2048
-  impl: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +120,9 @@ def decode_candidates(model: Transformer, hidden, spec: RowSpec, state: DecodeSt
       position=row_pos.reshape(-1))
   out = variants.decode_rows(
       rows, head, params, variant="rows" if plan.variant == "full" else plan.variant,
-      chunk_rows=plan.chunk_rows, vocab_tile=plan.vocab_tile, want_margin=static.want_margin,
-      want_entropy=static.want_entropy, exclude_id=static.mask_id, impl=plan.impl)
+      chunk_rows=plan.rows_per_chunk(rows.shape[0]), vocab_tile=plan.tile(head.shape[1]),
+      want_margin=static.want_margin, want_entropy=static.want_entropy,
+      exclude_id=static.mask_id, impl=plan.decode_impl)
 
   def back(x):
     if x is None:
@@ -184,6 +185,7 @@ def eos_fill(tokens, in_gen, enabled, static: StepStatic):
   return jnp.where(fill, jnp.asarray(static.eos_id, tokens.dtype), tokens), finished
 
 
+@functools.lru_cache(maxsize=None)
 def make_step_fn(graphdef: nnx.GraphDef, static: StepStatic):
   """jit(params, spec, state) -> (state, commit) for one static configuration."""
 
@@ -192,3 +194,84 @@ def make_step_fn(graphdef: nnx.GraphDef, static: StepStatic):
     return decode_step(model, spec, state, static)
 
   return jax.jit(fn, donate_argnums=(2,))
+
+
+def _pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def generate_static(llm, prompts, sampling_params=None, *, return_trace: bool = False,
+                    progress=None):
+  """Dense decoding of a static batch with ``llm``'s model, tokenizer, defaults and logit plan.
+
+  ``prompts``: a string, a list of strings, a list of token ids, or a list of token-id lists.
+  ``sampling_params``: one for all or one per prompt. Returns ``GenerationOutput`` s in order.
+  """
+  from dllm_jax.engine.engine import GenerationOutput
+
+  texts, ids, sps = llm.prepare(prompts, sampling_params)
+  cfg = llm.cfg
+  for i, (p, sp) in enumerate(zip(ids, sps)):
+    if len(p) + sp.gen_length > cfg.max_position:
+      raise ValueError(f"prompt {i}: {len(p)} prompt + {sp.gen_length} generated tokens exceed "
+                       f"the model's {cfg.max_position} positions")
+  b_real = len(ids)
+  b = _pow2(b_real)
+  n = -(-max(len(p) + sp.gen_length for p, sp in zip(ids, sps)) // 32) * 32
+  width = _pow2(max(sp.block_length for sp in sps))
+  tokens = np.full((b, n), cfg.pad_token_id, np.int32)
+  lengths = np.ones((b,), np.int32)
+  spec = {k: np.zeros((b,), np.int32) for k in ("gen_start", "gen_len", "block_len", "steps",
+                                                  "confidence", "rule", "schedule")}
+  spec.update(temperature=np.zeros((b,), np.float32), threshold=np.ones((b,), np.float32),
+              factor=np.ones((b,), np.float32), seed=np.zeros((b,), np.uint32),
+              stop_on_eos=np.zeros((b,), bool))
+  spec["block_len"][:] = 1
+  spec["steps"][:] = 1
+  for i, (p, sp) in enumerate(zip(ids, sps)):
+    tokens[i, :len(p)] = p
+    tokens[i, len(p):len(p) + sp.gen_length] = cfg.mask_token_id
+    lengths[i] = len(p) + sp.gen_length
+    spec["gen_start"][i], spec["gen_len"][i] = len(p), sp.gen_length
+    spec["block_len"][i], spec["steps"][i] = sp.block_length, sp.effective_steps
+    spec["temperature"][i], spec["threshold"][i], spec["factor"][i] = (
+        sp.temperature, sp.threshold, sp.factor)
+    spec["confidence"][i] = rules.CONFIDENCE_IDS[sp.confidence]
+    spec["rule"][i] = rules.RULE_IDS[sp.rule]
+    spec["schedule"][i] = rules.SCHEDULE_IDS[sp.schedule]
+    spec["seed"][i] = sp.seed
+    spec["stop_on_eos"][i] = sp.stop_on_eos
+  done = np.arange(b) >= b_real
+  static = StepStatic(
+      cand_width=width, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
+      eos_ids=cfg.eos_ids, shifted=cfg.shifted_prediction, plan=llm.logit_plan,
+      want_margin=any(sp.confidence == "margin" for sp in sps),
+      want_entropy=any(sp.confidence == "entropy" for sp in sps))
+  graphdef, params = nnx.split(llm.model)
+  step = make_step_fn(graphdef, static)
+  spec = RowSpec(**{k: jnp.asarray(v) for k, v in spec.items()})
+  state = DecodeState(tokens=jnp.asarray(tokens), lengths=jnp.asarray(lengths),
+                      step=jnp.zeros((b,), jnp.int32), done=jnp.asarray(done))
+  traces = [[] for _ in range(b_real)] if return_trace else None
+  finished = done
+  while not finished.all():
+    state, _ = step(params, spec, state)
+    finished = np.asarray(state.done)  # one small device->host read per step
+    if traces is not None:
+      canvas = np.asarray(state.tokens)
+      for i in range(b_real):
+        if not done[i]:
+          traces[i].append(canvas[i, len(ids[i]):len(ids[i]) + sps[i].gen_length].tolist())
+      done = finished.copy()
+    if progress is not None:
+      progress(int(finished[:b_real].sum()), b_real)
+  canvas = np.asarray(state.tokens)
+  nfe = np.asarray(state.step)
+  outs = []
+  for i, (p, sp) in enumerate(zip(ids, sps)):
+    gen = canvas[i, len(p):len(p) + sp.gen_length].tolist()
+    outs.append(GenerationOutput(
+        index=i, prompt_token_ids=list(p), token_ids=gen, text=llm.text(gen), nfe=int(nfe[i]),
+        finish_reason="eos" if any(t in cfg.eos_ids for t in gen) else "length",
+        prompt=texts[i], trace=traces[i] if traces is not None else None))
+  return outs

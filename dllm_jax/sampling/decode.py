@@ -19,10 +19,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dllm_jax.decoding import rules
+from dllm_jax.sampling import rules, variants
+from dllm_jax.sampling.plan import LogitPlan
 from pallas_kernels import noise
-from dllm_jax.decoding.dense import LogitPlan
-from dllm_jax.logits import variants
 from pallas_kernels.common import MASK_VALUE
 from pallas_kernels.fused_lm_head.stats import finalize, map_row_chunks, merge, tile_stats
 
@@ -69,7 +68,7 @@ def chunk_rows(plan: LogitPlan, capacity: int) -> int:
   """Rows per decode iteration for a plan over ``capacity`` candidate slots."""
   if plan.variant in ("rows", "full"):
     return min(capacity, ROWS_CHUNK)
-  return min(capacity, plan.chunk_rows)
+  return plan.rows_per_chunk(capacity)
 
 
 def _sharded_stats(hidden, head, p: variants.RowParams, static: DecodeStatic, axis: str,
@@ -89,7 +88,7 @@ def _sharded_stats(hidden, head, p: variants.RowParams, static: DecodeStatic, ax
                       exclude_id=static.mask_id)
 
   st = map_row_chunks(chunk, (hidden, p.temperature, p.seed, p.step, p.position),
-                      static.plan.chunk_rows)
+                      static.plan.rows_per_chunk(hidden.shape[0]))
   every = jax.lax.all_gather(st, axis)  # each field [tp, R]
   merged = jax.tree.map(lambda x: x[0], every)
   for i in range(1, every.m.shape[0]):
@@ -108,10 +107,11 @@ def _chunk_decisions(hidden, logits, head, p: variants.RowParams, static: Decode
                                exclude_id=static.mask_id)
     outs = (o.token, o.confidence, o.margin, o.entropy)
   else:
-    o = variants.decode_rows(hidden, head, p, variant=plan.variant, chunk_rows=plan.chunk_rows,
-                             vocab_tile=plan.vocab_tile, want_margin=want_margin,
+    o = variants.decode_rows(hidden, head, p, variant=plan.variant,
+                             chunk_rows=plan.rows_per_chunk(hidden.shape[0]),
+                             vocab_tile=plan.tile(head.shape[1]), want_margin=want_margin,
                              want_entropy=want_entropy, exclude_id=static.mask_id,
-                             impl=plan.impl)
+                             impl=plan.decode_impl)
     outs = (o.token, o.confidence, o.margin, o.entropy)
   zeros = jnp.zeros(outs[0].shape, jnp.float32)
   return tuple(zeros if x is None else x for x in outs)

@@ -53,13 +53,13 @@ running backend; it picks the kernel's blocks and the calibration entry.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from dllm_jax.logits import calibration as calib
+from dllm_jax.sampling import calibration as calib
+from dllm_jax.sampling.plan import LogitPlan
 from pallas_kernels.fused_lm_head import ops as kernel_ops
 from pallas_kernels.fused_lm_head import tiles
 
@@ -76,23 +76,6 @@ CALIBRATION_MARGIN = 0.05
 
 
 IMPLS = ("auto", "xla", "pallas")
-
-
-@dataclasses.dataclass(frozen=True)
-class LogitPlan:
-  variant: str
-  chunk_rows: int | None   # None: all rows at once (or the kernel's own blocks)
-  vocab_tile: int | None   # None: the whole vocabulary (or the kernel's own blocks)
-  est_bytes: int
-  impl: str = "xla"        # vocab_tiled: "xla" (jnp tiles) or "pallas" (fused kernel)
-
-  @property
-  def decode_impl(self) -> str:
-    """The ``impl`` for ``variants.decode_rows`` that runs this plan."""
-    return "pallas" if self.impl == "pallas" else "reference"
-
-
-LogitPlanChoice = LogitPlan  # earlier name, kept for callers
 
 
 def _itemsize(dtype) -> int:
@@ -217,11 +200,12 @@ def candidates(rows: int, d: int, vocab: int, dtype, backend: str | None = None,
                                            device_kind=device_kind)
   for v, c, tv in plan_sizes(rows, vocab, min_vocab_tile=min_vocab_tile, variants=variants):
     if v != "vocab_tiled":
-      yield LogitPlan(v, c, tv, est(v, c, tv, "xla"))
+      yield LogitPlan(v, c, tv, "xla", est(v, c, tv, "xla"))
     elif "xla" in impls:
-      yield LogitPlan(v, c, tv, est(v, c, tv, "xla"), "xla")
+      yield LogitPlan(v, c, tv, "xla", est(v, c, tv, "xla"))
   if "vocab_tiled" in tuple(variants) and "pallas" in impls:
-    yield LogitPlan("vocab_tiled", None, None, est("vocab_tiled", None, None, "pallas"), "pallas")
+    yield LogitPlan("vocab_tiled", None, None, "pallas",
+                    est("vocab_tiled", None, None, "pallas"))
 
 
 def calibration_entry(calibration="auto", backend: str | None = None,
