@@ -4,9 +4,9 @@
     cfg = engine_config_from_args(args)  # unset flags keep EngineConfig's defaults
 
 Imports nothing heavy (no jax) so that building the CLI's parser stays fast; choices come from
-the value lists in :mod:`dllm_jax.config`. The sparse selection modes (listed in
-dllm_jax.cache.selection, which imports jax) are checked by SparseConfig, whose ValueError names
-the allowed values.
+the value lists in :mod:`dllm_jax.config`. The sparse selection mode (a free-form ``--sparse
+MODE``, since a bare ``--sparse`` means per_head) is checked by SparseConfig, whose ValueError
+names the allowed values.
 """
 
 from __future__ import annotations
@@ -22,37 +22,22 @@ _PLAIN = ("max_running", "token_budget", "max_model_len", "scheduler", "logits",
 _SPARSE = ("keep_ratio", "pool_kernel", "delay")
 
 
-def positive_int(v: str) -> int:
-  """argparse type: an integer >= 1."""
-  try:
-    n = int(v)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-  if n < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
-  return n
+def _number_type(kind: type, ok, what: str):
+  """An argparse type: ``kind(v)`` when ``ok`` of it holds, else an error naming ``what``."""
+  def parse(v: str):
+    try:
+      x = kind(v)
+    except ValueError:
+      x = None
+    if x is None or not ok(x):
+      raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}")
+    return x
+  return parse
 
 
-def nonneg_int(v: str) -> int:
-  """argparse type: an integer >= 0."""
-  try:
-    n = int(v)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}") from None
-  if n < 0:
-    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}")
-  return n
-
-
-def positive_float(v: str) -> float:
-  """argparse type: a finite number > 0."""
-  try:
-    x = float(v)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}") from None
-  if not 0 < x < float("inf"):
-    raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}")
-  return x
+positive_int = _number_type(int, lambda n: n >= 1, "a positive integer")
+nonneg_int = _number_type(int, lambda n: n >= 0, "an integer >= 0")
+positive_float = _number_type(float, lambda x: 0 < x < float("inf"), "a positive number")
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *,
@@ -105,8 +90,6 @@ def add_engine_args(parser: argparse.ArgumentParser, *,
 def engine_config_from_args(args: argparse.Namespace, **overrides):
   """The EngineConfig the flags of :func:`add_engine_args` describe; ``overrides`` (e.g.
   ``max_waiting``) win. Raises ValueError for a contradictory or invalid combination."""
-  from dllm_jax.config import EngineConfig
-
   kw = {k: getattr(args, k) for k in _PLAIN if getattr(args, k, None) is not None}
   mb = getattr(args, "memory_budget_mb", None)
   if mb is not None:
@@ -120,7 +103,6 @@ def engine_config_from_args(args: argparse.Namespace, **overrides):
                + list(sparse_kw)]
       raise ValueError(f"{' / '.join(given)} need --sparse (the sparse cache is off)")
   else:
-    from dllm_jax.cache.sparse_state import SparseConfig
-    kw["sparse"] = SparseConfig(selection=selection or mode, **sparse_kw)
+    kw["sparse"] = C.SparseConfig(selection=selection or mode, **sparse_kw)
   kw.update(overrides)
-  return EngineConfig(**kw)
+  return C.EngineConfig(**kw)

@@ -14,9 +14,10 @@ with ``_`` are comments.
 
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
+
+from dllm_jax import jsonfile
 
 SUFFIX = ".json"
 _REPO_DIR = "configs"  # the repository's top-level symlink to the package directory
@@ -79,14 +80,7 @@ def load_dict(ref: str | os.PathLike) -> dict:
   path = resolve(ref)
   if os.path.isdir(path):
     path = os.path.join(path, "config.json")
-  try:
-    with open(path) as fh:
-      d = json.load(fh)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(d, dict):
-    raise ValueError(f"{path}: expected a JSON object")
-  return {k: v for k, v in d.items() if not k.startswith("_")}
+  return {k: v for k, v in jsonfile.read_object(path).items() if not k.startswith("_")}
 
 
 def model_config(ref: str | os.PathLike):
