@@ -1,18 +1,20 @@
 """Offline memory profiler: weights, the Refresh step's activation peak, logit peaks, KV pool size.
 
-All figures are per device and analytic (DESIGN.md §4), so an 8B model can be profiled on a
-laptop; on a GPU the device memory is read from ``memory_stats()['bytes_limit']``.
-
-KV pool sizing (compare dLLM-Serve, spec §5.3: ``(total*util - used - peak + current) /
-page_bytes``, with the peak measured in a warm-up run):
+All figures are per device and come from the engine's own memory model (engine/memory.py: the
+weights, a step's activation terms, the logit plans) and pool layout (PoolConfig.page_bytes), so
+an 8B model can be profiled on a laptop; on a GPU the device memory is read from
+``memory_stats()['bytes_limit']``.
 
     pages = floor((memory * utilization - weights - activation_peak) / page_bytes)
     page_bytes = 2 (K and V) * L * page_size * D * dtype_bytes      (one KV head's page)
 
-where activation_peak is the Refresh step at the largest configured shape (batch x seq_len),
-its logit part computed with the chosen logit variant (``full`` = the reference's level 0:
-logits for every row). Under tensor parallelism weights and the head-split activations divide by
-``tp``; every device stores only its own KV heads' pages.
+The profiled step is a Refresh of ``batch`` rows of ``seq_len`` tokens (no flash attention: the
+f32 scores are counted), decoding ``block_length`` candidates per row. Its activation peak is
+the step's live set without the decode head (memory.StepActivation.without_logits) plus the
+chosen logit plan's peak (``full`` = logits for every row, the no-budgeting baseline): a bound
+that holds whether or not the decode head's temporaries overlap the layers'. dLLM-Serve sizes its
+pool the same way with the peak measured in a warm-up run. Under tensor parallelism weights and
+the head-split activations divide by ``tp``; every device stores only its own KV heads' pages.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 
 import jax
 import numpy as np
 
-from dllm_jax.config import ModelConfig
-from dllm_jax.sampling import budgeter
+from dllm_jax.cache.page_pool import PoolConfig
+from dllm_jax.config import LOGIT_VARIANTS, ModelConfig
+from dllm_jax.engine import memory
+from dllm_jax.engine.batch import Layout
+from dllm_jax.sampling.plan import VARIANTS, LogitPlan
 
-VARIANTS = ("full", "rows", "row_chunked", "vocab_tiled")
+# The sizes of the row_chunked / vocab_tiled plans whose peaks the profile lists.
+PROFILE_CHUNK_ROWS = 1024
+PROFILE_VOCAB_TILE = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +62,17 @@ class MemoryProfile:
     return json.dumps(dataclasses.asdict(self), indent=2)
 
 
-def refresh_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, dtype, tp: int = 1) -> int:
-  """Largest live set of a Refresh forward without logits (per device), bytes:
-  residual stream + normed copy + layer output 3*T*d*b, then the larger of attention
-  (q/k/v T*(Hq+2Hkv)*D*b / tp and f32 scores + probabilities 2*B*Hq*N*N*4 / tp) and the MLP
-  (gate, up, product 3*T*F*b / tp)."""
-  b = np.dtype(dtype).itemsize
-  t = batch * seq_len
-  attn = (t * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim * b
-          + 2 * batch * cfg.num_heads * seq_len * seq_len * 4) // tp
-  mlp = 3 * t * cfg.intermediate_size * b // tp
-  return 3 * t * cfg.hidden_size * b + max(attn, mlp)
+def refresh_layout(batch: int, seq_len: int, block_length: int) -> Layout:
+  """A Refresh-only step: ``batch`` whole canvases of ``seq_len`` tokens, one block of
+  candidates each."""
+  return Layout(tokens=batch * seq_len, length=seq_len, refresh_rows=batch, reuse_rows=0,
+                query_width=0, cand_width=block_length, candidates=batch * block_length)
+
+
+def _variant_plan(variant: str, rows: int, vocab: int) -> LogitPlan:
+  """The plan whose peak the profile lists for ``variant``."""
+  return LogitPlan(variant, chunk_rows=min(rows, PROFILE_CHUNK_ROWS),
+                   vocab_tile=min(vocab, PROFILE_VOCAB_TILE))
 
 
 def profile(cfg: ModelConfig, *, batch: int, seq_len: int, device_memory_bytes: int,
@@ -77,33 +83,32 @@ def profile(cfg: ModelConfig, *, batch: int, seq_len: int, device_memory_bytes: 
     raise ValueError(f"utilization: must be in (0, 1], got {utilization}")
   if cfg.num_heads % tp:
     raise ValueError(f"tp={tp} does not divide the {cfg.num_heads} query heads")
-  b = np.dtype(dtype).itemsize
-  weights = math.ceil(cfg.num_params() * b / tp)
-  act = refresh_activation_bytes(cfg, batch, seq_len, dtype, tp)
-  rows = batch * block_length  # candidate rows: the current block of every row
+  if logits not in LOGIT_VARIANTS:
+    raise ValueError(f"logits: expected one of {LOGIT_VARIANTS}, got {logits!r}")
+  lay = refresh_layout(batch, seq_len, block_length)
   v_local = -(-cfg.vocab_size // tp)
-  d = cfg.hidden_size
-  logit = {
-      "full": budgeter.estimate_bytes("full", batch * seq_len, d, v_local, dtype, backend=backend),
-      "rows": budgeter.estimate_bytes("rows", rows, d, v_local, dtype, backend=backend),
-      "row_chunked": budgeter.estimate_bytes("row_chunked", rows, d, v_local, dtype,
-                                             min(rows, 1024), backend=backend),
-      "vocab_tiled": budgeter.estimate_bytes("vocab_tiled", rows, d, v_local, dtype,
-                                             min(rows, 1024), min(v_local, 8192), backend=backend),
-  }
+  step = lambda plan: memory.step_activation(cfg, lay, plan, dtype, tp=tp, backend=backend)
+  plans = {v: _variant_plan(v, lay.candidates, v_local) for v in VARIANTS}
+  logit = {v: memory.logit_bytes(cfg, plan, lay.candidates, lay.tokens, dtype, tp=tp,
+                                 backend=backend) for v, plan in plans.items()}
+  act = step(plans["rows"]).without_logits
   if logits == "auto":
     budget = logit_budget_bytes or max(act // 2, 1)
-    choice = budgeter.choose(budget, rows, d, v_local, dtype, backend=backend)
-    logits, logit_peak = choice.variant, choice.est_bytes
+    plan = memory.choose_plan("auto", lay.candidates, cfg, dtype, budget=budget, tp=tp,
+                              backend=backend)
+    logits = plan.variant
+    logit_peak = memory.logit_bytes(cfg, plan, lay.candidates, lay.tokens, dtype, tp=tp,
+                                    backend=backend)
   else:
-    if logits not in logit:
-      raise ValueError(f"logits: expected auto or one of {VARIANTS}, got {logits!r}")
     logit_peak = logit[logits]
   peak = act + logit_peak
-  page_bytes = 2 * cfg.num_layers * page_size * cfg.head_dim * b
+  weights = memory.weights_bytes(cfg, dtype, tp)
+  heads = max(1, cfg.num_kv_heads // tp)
+  page_bytes = PoolConfig(num_pages=2, page_size=page_size, num_layers=cfg.num_layers,
+                          num_kv_heads=heads, head_dim=cfg.head_dim, max_slots=1,
+                          max_pages_per_head=1, dtype=np.dtype(dtype).name, shards=tp).page_bytes
   free = int(device_memory_bytes * utilization) - weights - peak
   pages = max(0, free // page_bytes)
-  heads = max(1, cfg.num_kv_heads // tp)
   return MemoryProfile(
       model=cfg.name or cfg.family, dtype=np.dtype(dtype).name, tp=tp, batch=batch,
       seq_len=seq_len, block_length=block_length, device_memory_bytes=int(device_memory_bytes),
@@ -156,7 +161,7 @@ def add_profile_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
   parser.add_argument("--page-size", type=int, default=64,
                       help="tokens per KV page (default 64)")
   parser.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (default 1)")
-  parser.add_argument("--logits", choices=("auto",) + VARIANTS, default="auto",
+  parser.add_argument("--logits", choices=LOGIT_VARIANTS, default="auto",
                       help="logit variant: auto = the budgeter's choice (default), full = "
                            "logits for every row (the no-budgeting baseline)")
   parser.add_argument("--kv-budget-gb", type=float, default=None,
