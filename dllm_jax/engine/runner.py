@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from dllm_jax import parallel
 from dllm_jax.cache.page_pool import SparseCache
+from dllm_jax.engine import executable_store
 from dllm_jax.engine.batch import StepInputs
 from dllm_jax.sampling.decode import DecodeStatic, decode_and_commit
 from dllm_jax.model.fused import SparseStatic, flat_forward
@@ -103,11 +104,19 @@ class Runner:
 
   def compile(self, key: tuple, static: StepStatic, cache, inputs: StepInputs):
     """Compile (ahead of time) and keep the executable of one bucket; returns it.
-    ``key``: (Layout, StepStatic) of the bucket."""
+    ``key``: (Layout, StepStatic) of the bucket. With JAX's persistent cache on, the
+    executable is loaded from / saved to the executable store (no tracing on a hit)."""
     with self._lock:
       exe = self.executables.get(key)
     if exe is None:
-      exe = self.jitted(static, inputs).lower(self.params, cache, self._global(inputs)).compile()
+      inputs = self._global(inputs)
+      directory = executable_store.store_dir()
+      digest = directory and executable_store.key_of(key, self.params, cache, inputs)
+      exe = directory and executable_store.load(directory, digest)
+      if not exe:
+        exe = self.jitted(static, inputs).lower(self.params, cache, inputs).compile()
+        if directory:
+          executable_store.save(directory, digest, exe)
       with self._lock:
         exe = self.executables.setdefault(key, exe)
     return exe
