@@ -8,3 +8,4 @@ callback   test-only: the kernel's operands through an opaque jax.pure_callback
 """
 
 KERNEL_IMPLS = ("auto", "pallas", "reference", "interpret", "callback")
+TEST_ONLY_IMPLS = ("callback",)  # not offered by the benchmarks' flags

@@ -1,7 +1,7 @@
 """The ablation ladder: one seeded workload, one memory budget, each technique switched on in turn.
 
 ``dllm-jax ablate --workload burst --out results/ablation-burst`` runs, on the bench-small model
-(``configs/bench-small.json``, random weights from ``init_model(cfg, seed=0)``, float32) and the
+(``configs/bench-small.json``, random float32 weights of seed 0: bench/random_model.py) and the
 engine settings of ``configs/engine-bench-small.json`` (the SAME ``memory_budget_bytes`` and
 ``activation_budget_bytes`` for every rung, so weights + KV pool + activation peak fit one budget):
 
@@ -16,11 +16,16 @@ dense       reference: no sparse cache          phase      auto         (off)
 fcfs        reference: token-budget FCFS        fcfs       auto         per_head
 ==========  ==================================  =========  ===========  =================
 
-(DESIGN.md section 3 "Every optimization is a switch"; the baseline is decoding-semantics.md
-section 6.2's hypothesis.) Each rung builds an ``LLM`` with its EngineConfig on the shared
-model, compiles every step bucket the workload can reach (:func:`warmup`, so compile time is
-excluded; the rungs share one ``Runner``, so an executable is compiled once for all rungs that
-use it), then replays the workload open loop with :func:`dllm_jax.bench.driver.run_workload`.
+Every technique is one EngineConfig switch, so a rung differs from the previous one in one
+field. The baseline is a hypothesis about the paper's "state-of-the-art baseline": its artifact's
+sparse defaults equal Sparse-dLLM's (block 32, keep 0.5, max-pool 3, one-step delay), so it is
+taken to be Sparse-dLLM-style serving (static batching, monolithic logits, head-shared
+selection) in this same engine with the three techniques off.
+
+Each rung builds an ``LLM`` with its EngineConfig on the shared model, compiles every step
+bucket the workload can reach (:func:`warmup`, so compile time is excluded; the rungs share one
+``Runner``, so an executable is compiled once for all rungs that use it), then replays the
+workload open loop with :func:`dllm_jax.bench.driver.run_workload`.
 ``--repeats`` rounds (default 3) are interleaved -- every rung once, then again -- so slow drifts
 of a shared machine's load hit every rung alike; the table reports per-metric medians.
 
@@ -41,6 +46,9 @@ budget keeps its share of ``budget - weights`` from the config file.
 
 Measurements on a shared CPU are noisy: the JSON records ``os.getloadavg()`` before and after
 each rung and the process CPU seconds of the run next to its wall time.
+
+Modules: ablation_ladder.py (the rungs, workloads, configs and budgets), this module (warm-up,
+timed runs, the command), ablation_report.py (medians, table, plots).
 """
 
 from __future__ import annotations
@@ -55,151 +63,18 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-import numpy as np
-
 from dllm_jax import presets
 from dllm_jax.bench import workloads as W
+from dllm_jax.bench.ablation_ladder import (  # noqa: F401 (the ladder's names, re-exported)
+    BASE_PARAMS, BENCH_MIX, DEFAULT_REPEATS, DEFAULT_REQUESTS, ENGINE_CONFIG,
+    MAX_PROMPT, MIN_PROMPT, MODEL_CONFIG, QUICK_OVERRIDES, QUICK_REQUESTS, RUNG_KEYS, RUNGS,
+    SWEEP_GRIDS, SWEEPS, WORKLOAD_PARAMS, MiB, Rung, engine_config_for, load_engine_dict,
+    load_model_config, make_items, require_budgeter, scaled_budgets, workload_params)
+from dllm_jax.bench.ablation_report import (  # noqa: F401 (re-exported for notebooks)
+    combine_rounds, make_plots, markdown_table, plot_sweep, summary_rows, sweep_table)
+from dllm_jax.bench.random_model import MODEL_SEED, build_model  # noqa: F401 (re-export)
 
-MODEL_CONFIG = "bench-small"          # presets (dllm_jax/configs/); a path works too
-ENGINE_CONFIG = "engine-bench-small"
 RESULT_VERSION = 1
-MODEL_SEED = 0
-MiB = 2 ** 20
-
-
-# The ladder ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Rung:
-  key: str
-  label: str
-  scheduler: str
-  logits: str
-  selection: str | None  # None = dense (sparse caching off)
-  reference: bool = False  # a reference point, not a ladder step
-
-
-RUNGS: tuple[Rung, ...] = (
-    Rung("baseline", "baseline (static, full logits, shared)", "static", "full", "shared"),
-    Rung("logit", "+ logit budgeting", "static", "auto", "shared"),
-    Rung("phase", "+ phase-multiplexed scheduling", "phase", "auto", "shared"),
-    Rung("all_on", "+ head-centric selection (all on)", "phase", "auto", "per_head"),
-    Rung("dense", "ref: dense (sparse off)", "phase", "auto", None, reference=True),
-    Rung("fcfs", "ref: fcfs scheduler, rest on", "fcfs", "auto", "per_head", reference=True),
-)
-RUNG_KEYS = tuple(r.key for r in RUNGS)
-LADDER = tuple(r.key for r in RUNGS if not r.reference)
-
-
-# Workloads -----------------------------------------------------------------------------------
-
-# The LiveBench-like category mix (workloads.LIVEBENCH_MIX: uniform weights, lognormal prompt
-# lengths) scaled to bench-small: prompt medians x 0.1 and clipped to [36, 64] tokens, generation
-# 64 tokens for the categories that generate 256 at full scale and 32 for those that generate
-# 128. Every canvas (prompt + generation) is then 68..128 tokens: one 128-token length bucket,
-# so a rung compiles one set of executables. Prompts are random token ids (random weights).
-LENGTH_SCALE = 0.1
-MIN_PROMPT, MAX_PROMPT = 36, 64
-BENCH_MIX: tuple[W.Category, ...] = tuple(
-    W.Category(c.name, c.weight, c.median_tokens * LENGTH_SCALE, c.sigma, c.gen_length // 4)
-    for c in W.LIVEBENCH_MIX)
-
-# Arrival parameters per workload (seconds; see workloads.py). "burst": 8 requests at one
-# instant every 1.75 s (48 requests = 6 bursts over 8.75 s; about 200 generated tokens/s
-# offered, near the all-on capacity of a busy 2-core CPU). A configuration that serves a burst in
-# less than the period keeps latency near one burst's service time; a slower one accumulates a
-# backlog that every later burst waits behind -- the contention regime where tail latency
-# separates. Throughput differs only while a configuration is saturated, so the ratios depend on
-# the machine's speed: scale the schedule with --time-scale (e.g. 0.5 on a machine twice as
-# fast as a busy 2-core CPU; 0 sends everything at t = 0 and measures capacity).
-WORKLOAD_PARAMS: dict[str, dict[str, Any]] = {
-    "burst": dict(burst_size=8, period_s=1.75, spread_s=0.0),
-    "livebench-like": dict(rate=3.0),
-    "osc": dict(low_rate=1.0, high_rate=6.0, period_s=8.0),
-    "poisson": dict(rate=3.0),
-}
-DEFAULT_REQUESTS = 48
-QUICK_REQUESTS = 8
-DEFAULT_REPEATS = 3
-# SamplingParams of every request: LLaDA's fixed rule (one token per step, steps = gen_length),
-# greedy, block 16; stop_on_eos off so every rung decodes exactly the same number of positions.
-BASE_PARAMS = dict(block_length=16, temperature=0.0, stop_on_eos=False)
-
-
-def make_items(name: str, n: int, mcfg, *, seed: int = 0, block_length: int | None = None,
-               quick: bool = False) -> list[W.WorkItem]:
-  """The ablation's seeded workload ``name`` for the model ``mcfg``."""
-  params = dict(WORKLOAD_PARAMS[name])
-  if quick and name == "burst":
-    params.update(burst_size=4, period_s=2.0)
-  content = W.Content(mix=BENCH_MIX, source=W.TokenSource.for_model(mcfg),
-                      min_prompt_tokens=MIN_PROMPT, max_prompt_tokens=MAX_PROMPT)
-  items = W.make_workload(name, n, seed=seed, content=content, **params)
-  if block_length is not None:
-    items = [dataclasses.replace(it, params={**it.params, "block_length": block_length})
-             for it in items]
-  return items
-
-
-# Configs -------------------------------------------------------------------------------------
-
-
-def load_model_config(path: str = MODEL_CONFIG):
-  return presets.model_config(path)
-
-
-def load_engine_dict(path: str = ENGINE_CONFIG) -> dict:
-  return presets.load_dict(path)
-
-
-def build_model(mcfg):
-  import jax.numpy as jnp
-
-  from dllm_jax.model.transformer import init_model
-  return init_model(mcfg, param_dtype=jnp.float32, seed=MODEL_SEED)
-
-
-def scaled_budgets(engine: dict, mcfg, memory_budget_mb: float | None) -> tuple[int, int]:
-  """(memory_budget_bytes, activation_budget_bytes): the config's, or for another total budget
-  the activation budget at the config's share of ``budget - weights``."""
-  import jax.numpy as jnp
-
-  from dllm_jax.engine import memory
-  m0, a0 = int(engine["memory_budget_bytes"]), int(engine["activation_budget_bytes"])
-  if memory_budget_mb is None:
-    return m0, a0
-  m = int(memory_budget_mb * MiB)
-  w = memory.weights_bytes(mcfg, jnp.float32)
-  if m <= w:
-    raise ValueError(f"--memory-budget-mb {memory_budget_mb}: not above the weights "
-                     f"({w / MiB:.2f} MiB)")
-  return m, int(a0 * (m - w) / (m0 - w))
-
-
-def engine_config_for(rung: Rung, engine: dict, *, memory_budget: int, activation_budget: int,
-                      overrides: dict | None = None, sparse_overrides: dict | None = None):
-  """The rung's EngineConfig: the file's settings with the rung's three switches."""
-  from dllm_jax.config import SparseConfig
-  from dllm_jax.config import EngineConfig
-  kw = {k: v for k, v in engine.items() if k != "sparse"}
-  kw.update(overrides or {})
-  kw.update(memory_budget_bytes=memory_budget, activation_budget_bytes=activation_budget,
-            scheduler=rung.scheduler, logits=rung.logits)
-  sparse = None
-  if rung.selection is not None:
-    sparse = SparseConfig(**{**engine.get("sparse", {}), **(sparse_overrides or {}),
-                             "selection": rung.selection})
-  return EngineConfig(sparse=sparse, **kw)
-
-
-def require_budgeter() -> None:
-  try:
-    import dllm_jax.sampling.budgeter  # noqa: F401
-  except ImportError as e:
-    raise ValueError(
-        "the ablation enforces memory budgets, whose activation estimates come from "
-        f"dllm_jax.sampling.budgeter, which cannot be imported ({e})") from None
 
 
 # Warm-up -------------------------------------------------------------------------------------
@@ -287,30 +162,6 @@ def timed_run(prep: Prepared, items: Sequence[W.WorkItem], *, base_params: dict,
   return result
 
 
-MEDIAN_KEYS = ("throughput_tok_s", "p50_s", "p90_s", "p99_s", "ttft_p99_s", "wall_s", "cpu_s")
-
-
-def _round_figures(res: dict) -> dict:
-  m = res["metrics"]
-  return dict(throughput_tok_s=m["throughput_tok_s"], p50_s=m["latency_s"]["p50"],
-              p90_s=m["latency_s"]["p90"], p99_s=m["latency_s"]["p99"],
-              ttft_p99_s=m["ttft_s"]["p99"], wall_s=m["wall_s"], cpu_s=res["ablation"]["cpu_s"],
-              steps=m["engine"]["steps"], loadavg_before=res["ablation"]["loadavg_before"])
-
-
-def combine_rounds(results: list[dict]) -> dict:
-  """One rung's repeated runs: the round of median throughput is the representative (its full
-  driver result), ``rounds`` lists every round's figures and request records, and ``median``
-  holds the per-metric medians the summary table reports."""
-  tp = [r["metrics"]["throughput_tok_s"] or 0.0 for r in results]
-  rep = dict(results[int(np.argsort(tp)[(len(tp) - 1) // 2])])
-  figs = [_round_figures(r) for r in results]
-  rep["rounds"] = [dict(figs[i], requests=r["requests"]) for i, r in enumerate(results)]
-  rep["median"] = {k: float(np.median([f[k] for f in figs])) if all(
-      f[k] is not None for f in figs) else None for k in MEDIAN_KEYS}
-  return rep
-
-
 def _loadavg():
   try:
     return list(os.getloadavg())
@@ -318,259 +169,14 @@ def _loadavg():
     return None
 
 
-# Summaries -----------------------------------------------------------------------------------
-
-
-def _figures(r: dict) -> dict:
-  """A rung's reported figures: medians over its rounds (or its one run)."""
-  med = r.get("median")
-  if med is not None:
-    return med
-  f = _round_figures(r)
-  return {k: f[k] for k in MEDIAN_KEYS}
-
-
-def summary_rows(rungs: dict) -> list[dict]:
-  """One row per rung: throughput and latency (medians over rounds), speed-ups vs the baseline
-  and vs the previous ladder rung, memory, and the engine's step mix."""
-  base = rungs.get("baseline")
-  bf = _figures(base) if base else None
-  rows, prev = [], None
-  for key in RUNG_KEYS:
-    if key not in rungs:
-      continue
-    r = rungs[key]
-    f, m, mem, ab = _figures(r), r["metrics"], r["memory"], r["ablation"]
-    tokens = m["generated_tokens"]
-    row = dict(key=key, label=ab["rung"]["label"], reference=ab["rung"]["reference"],
-               rounds=len(r.get("rounds", [None])), **f,
-               tokens=tokens, finished=m["finished"], requests=m["requests"],
-               steps=m["engine"]["steps"], compilations=m["compilations"],
-               kv_pages_peak=ab["kv_pages_peak"], kv_pages_pool=mem["kv_pages"] - 1,
-               activation_peak_bytes=ab["activation_peak_bytes"],
-               running_peak=ab["running_peak"],
-               refresh_rows_per_step=m["engine"]["refresh_rows_per_step"],
-               reuse_rows_per_step=m["engine"]["reuse_rows_per_step"])
-    if bf:
-      row["speedup_vs_baseline"] = _ratio(f["throughput_tok_s"], bf["throughput_tok_s"])
-      row["p99_reduction_vs_baseline"] = _ratio(bf["p99_s"], f["p99_s"])
-      row["cpu_speedup_vs_baseline"] = _ratio(
-          bf["cpu_s"] / max(base["metrics"]["generated_tokens"], 1), f["cpu_s"] / max(tokens, 1))
-    if not row["reference"] and prev is not None:
-      pf = _figures(rungs[prev])
-      row["speedup_vs_previous"] = _ratio(f["throughput_tok_s"], pf["throughput_tok_s"])
-      row["p99_reduction_vs_previous"] = _ratio(pf["p99_s"], f["p99_s"])
-    if not row["reference"]:
-      prev = key
-    rows.append(row)
-  return rows
-
-
-def _ratio(a, b):
-  return None if a is None or b is None or b == 0 else a / b
-
-
-def markdown_table(rows: list[dict]) -> str:
-  f = lambda v, fmt: "-" if v is None else format(v, fmt)
-  out = ["| rung | tokens/s | speed-up vs baseline | P50 latency (s) | P99 latency (s) | "
-         "P99 reduction vs baseline | KV pages (peak / pool) | activation peak (MiB) |",
-         "|---|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    out.append(
-        f"| {r['label']} | {f(r['throughput_tok_s'], '.1f')} | "
-        f"{f(r.get('speedup_vs_baseline'), '.2f')}x | {f(r['p50_s'], '.2f')} | "
-        f"{f(r['p99_s'], '.2f')} | {f(r.get('p99_reduction_vs_baseline'), '.2f')}x | "
-        f"{r['kv_pages_peak']} / {r['kv_pages_pool']} | "
-        f"{r['activation_peak_bytes'] / MiB:.2f} |")
-  return "\n".join(out)
-
-
-# Plots ---------------------------------------------------------------------------------------
-
-COLORS = dict(baseline="#9e9e9e", logit="#64b5f6", phase="#1e88e5", all_on="#0d47a1",
-              dense="#ffb74d", fcfs="#a1887f")
-
-
-def _plt():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def plot_throughput(data: dict, path: str) -> None:
-  """Throughput bars (speed-up vs baseline on each bar) and P99 latency bars."""
-  plt = _plt()
-  rows = summary_rows(data["rungs"])
-  labels = [r["label"].replace(" (", "\n(").replace(", rest", ",\nrest") for r in rows]
-  x = np.arange(len(rows))
-  fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6))
-  cols = [COLORS.get(r["key"], "#777") for r in rows]
-  tp = [r["throughput_tok_s"] or 0 for r in rows]
-  a1.bar(x, tp, color=cols, hatch=None)
-  for i, r in enumerate(rows):
-    s = r.get("speedup_vs_baseline")
-    a1.text(i, tp[i], f"{s:.2f}x" if s else "", ha="center", va="bottom", fontsize=9)
-  a1.set_ylabel("generated tokens / s")
-  a1.set_title("Throughput")
-  p99 = [r["p99_s"] or 0 for r in rows]
-  a2.bar(x, p99, color=cols)
-  for i, r in enumerate(rows):
-    s = r.get("p99_reduction_vs_baseline")
-    a2.text(i, p99[i], f"{s:.2f}x lower" if s and r["key"] != "baseline" else "",
-            ha="center", va="bottom", fontsize=9)
-  a2.set_ylabel("P99 end-to-end latency (s)")
-  a2.set_title("Tail latency")
-  for a in (a1, a2):
-    a.set_xticks(x)
-    a.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    for i, r in enumerate(rows):
-      if r["reference"]:
-        a.get_xticklabels()[i].set_color("#555")
-  fig.suptitle(_title(data), fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def _title(data: dict) -> str:
-  wl, b = data["workload"], data["budgets"]
-  ts = wl.get("time_scale", 1.0)
-  sched = "" if ts == 1.0 else (", all at t=0" if ts == 0 else f", arrivals x{ts:g}")
-  return (f"{wl['name']} workload{sched}, {wl['summary']['requests']} requests, "
-          f"{data.get('repeats', 1)} rounds (medians), bench-small model, "
-          f"equal memory budget {b['memory_budget_bytes'] / MiB:.1f} MiB "
-          f"(activation {b['activation_budget_bytes'] / MiB:.1f} MiB) -- "
-          f"{data['machine']['backend']} x{data['machine']['cpus_available']}")
-
-
-def latencies(result: dict) -> np.ndarray:
-  """End-to-end latencies of a rung's finished requests, pooled over its rounds."""
-  runs = [rd["requests"] for rd in result.get("rounds", [])] or [result["requests"]]
-  return np.sort([q["finish_s"] - q["arrival_s"] for reqs in runs for q in reqs
-                  if q["finish_s"] is not None])
-
-
-def plot_latency_cdf(data: dict, path: str) -> None:
-  plt = _plt()
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for key in RUNG_KEYS:
-    if key not in data["rungs"]:
-      continue
-    r = data["rungs"][key]
-    lat = latencies(r)
-    if not len(lat):
-      continue
-    y = np.arange(1, len(lat) + 1) / len(lat)
-    ax.step(lat, y, where="post", color=COLORS.get(key), label=r["ablation"]["rung"]["label"],
-            linestyle="--" if r["ablation"]["rung"]["reference"] else "-")
-  ax.set_xlabel("end-to-end latency (s)" + (" -- all rounds pooled" if any(
-      "rounds" in r for r in data["rungs"].values()) else ""))
-  ax.set_ylabel("fraction of requests")
-  ax.set_ylim(0, 1.02)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
-  ax.set_title("Latency CDF", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_memory(data: dict, path: str) -> None:
-  """Stacked weights / KV pool / activation peak (observed steps' estimate) per rung, with the
-  KV pages actually in use and the activation budget and memory budget as lines."""
-  plt = _plt()
-  keys = [k for k in RUNG_KEYS if k in data["rungs"]]
-  fig, ax = plt.subplots(figsize=(8, 4.5))
-  x = np.arange(len(keys))
-  w = np.array([data["rungs"][k]["memory"]["weights_bytes"] for k in keys]) / MiB
-  pool = np.array([data["rungs"][k]["memory"]["kv_pool_bytes"] for k in keys]) / MiB
-  page = np.array([data["rungs"][k]["memory"]["page_bytes"] for k in keys]) / MiB
-  used = np.array([data["rungs"][k]["ablation"]["kv_pages_peak"] for k in keys]) * page
-  act = np.array([data["rungs"][k]["ablation"]["activation_peak_bytes"] for k in keys]) / MiB
-  ax.bar(x, w, color="#78909c", label="weights")
-  ax.bar(x, pool, bottom=w, color="#c5e1a5", label="KV pool (reserved)")
-  ax.bar(x, used, bottom=w, color="#7cb342", width=0.4, label="KV pages in use (peak)")
-  ax.bar(x, act, bottom=w + pool, color="#ef6c00", label="activation peak (largest step run)")
-  b = data["budgets"]
-  ax.axhline(b["memory_budget_bytes"] / MiB, color="k", linestyle="--", linewidth=1,
-             label="memory budget")
-  ax.set_xticks(x)
-  ax.set_xticklabels([data["rungs"][k]["ablation"]["rung"]["label"].split(" (")[0]
-                      for k in keys], rotation=25, ha="right", fontsize=8)
-  ax.set_ylabel("MiB")
-  ax.set_title("Memory by category at an equal budget (analytic activation estimate)",
-               fontsize=10)
-  ax.legend(fontsize=7, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_phase_mix(data: dict, path: str, key: str = "all_on") -> None:
-  plt = _plt()
-  if key not in data["rungs"]:
-    key = next(iter(data["rungs"]))
-  r = data["rungs"][key]
-  mix = np.asarray(r["engine_stats"]["phase_mix"], dtype=float).reshape(-1, 2)
-  fig, ax = plt.subplots(figsize=(9, 3.6))
-  steps = np.arange(len(mix))
-  ax.stackplot(steps, mix[:, 0], mix[:, 1], labels=["Refresh rows", "Reuse rows"],
-               colors=["#ef6c00", "#1e88e5"], step="post", alpha=0.85)
-  ax.set_xlabel("engine step")
-  ax.set_ylabel("rows in the step")
-  ax.set_title(f"Phase mix per step: {r['ablation']['rung']['label']}", fontsize=10)
-  ax.legend(fontsize=8, loc="upper right")
-  ax.margins(x=0)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def make_plots(data: dict, out: str) -> list[str]:
-  paths = []
-  for name, fn in (("throughput.png", plot_throughput), ("latency_cdf.png", plot_latency_cdf),
-                   ("memory.png", plot_memory), ("phase_mix.png", plot_phase_mix)):
-    p = os.path.join(out, name)
-    fn(data, p)
-    paths.append(p)
-  return paths
-
-
-# Sweeps --------------------------------------------------------------------------------------
-
-SWEEPS = ("keep_ratio", "block_length", "memory_budget")
-SWEEP_GRIDS = dict(keep_ratio=(0.25, 0.5, 0.75, 1.0), block_length=(8, 16, 32),
-                   memory_budget=(12.0, 14.0, 16.0, 24.0, 32.0))
-
-
-def plot_sweep(sweep: dict, path: str) -> None:
-  plt = _plt()
-  xs = [p["value"] for p in sweep["points"]]
-  tp = [p["median"]["throughput_tok_s"] for p in sweep["points"]]
-  p99 = [p["median"]["p99_s"] for p in sweep["points"]]
-  fig, a1 = plt.subplots(figsize=(6.5, 4))
-  a1.plot(xs, tp, "o-", color="#0d47a1", label="tokens/s")
-  a1.set_xlabel(sweep["name"] + (" (MiB)" if sweep["name"] == "memory_budget" else ""))
-  a1.set_ylabel("generated tokens / s", color="#0d47a1")
-  a2 = a1.twinx()
-  a2.plot(xs, p99, "s--", color="#ef6c00", label="P99 latency")
-  a2.set_ylabel("P99 latency (s)", color="#ef6c00")
-  a1.set_ylim(bottom=0)
-  a2.set_ylim(bottom=0)
-  a1.set_title(f"all-on sweep over {sweep['name']} ({sweep['workload']['name']})", fontsize=10)
-  a1.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 # CLI -----------------------------------------------------------------------------------------
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
   """Flags of ``dllm-jax ablate``."""
-  p.add_argument("--workload", choices=tuple(WORKLOAD_PARAMS), default="burst")
+  p.add_argument("--workload", choices=tuple(WORKLOAD_PARAMS), default="burst",
+                 help="the seeded arrival process every rung replays (default burst: 8 "
+                      "requests every 1.75 s)")
   p.add_argument("--out", required=True, help="output directory (created)")
   p.add_argument("--requests", type=int, default=None,
                  help=f"requests (default {DEFAULT_REQUESTS}; --quick {QUICK_REQUESTS})")
@@ -601,26 +207,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--progress", action="store_true", help="progress bars")
 
 
-# --quick: row caps 2 / 4 (a subset of the full run's step buckets, so a warm compilation cache
-# serves it), 8 requests, bursts of 4, one round.
-QUICK_OVERRIDES = dict(max_refresh_rows=2, max_reuse_rows=4)
-
-
-def _setup_compile_cache(path: str) -> None:
-  if not path:
-    return
-  import jax
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def run(args) -> int:
   """``dllm-jax ablate``: run the ladder (or a sweep), write JSON + plots, print the table."""
-  from dllm_jax.bench.driver import _json_default, engine_config_dict, machine_info
+  from dllm_jax.bench.driver import _json_default, machine_info
   require_budgeter()
-  _setup_compile_cache(args.compile_cache)
+  if args.compile_cache:
+    from dllm_jax import compile_cache
+    compile_cache.enable(args.compile_cache)
   keys = [k.strip() for k in args.rungs.split(",") if k.strip()]
   bad = [k for k in keys if k not in RUNG_KEYS]
   if bad or not keys:
@@ -652,12 +245,10 @@ def run(args) -> int:
       budgets=dict(memory_budget_bytes=m_budget, activation_budget_bytes=a_budget),
       repeats=repeats,
       workload=dict(name=args.workload, seed=args.seed, requests=n, time_scale=args.time_scale,
-                    params=dict(WORKLOAD_PARAMS[args.workload]),
+                    params=workload_params(args.workload, args.quick),
                     content=dict(mix=[dataclasses.asdict(c) for c in BENCH_MIX],
                                  min_prompt_tokens=MIN_PROMPT, max_prompt_tokens=MAX_PROMPT),
                     base_params=BASE_PARAMS, summary=W.summarize(items)))
-  if args.quick and args.workload == "burst":
-    common["workload"]["params"].update(burst_size=4, period_s=2.0)
   print(f"ablation: {args.workload}, {n} requests, memory budget {m_budget / MiB:.2f} MiB "
         f"(activation {a_budget / MiB:.2f} MiB), model {mcfg.num_params():,} params")
   if args.sweep:
@@ -683,7 +274,7 @@ def run(args) -> int:
   rungs: dict[str, dict] = {}
   for key, prep in preps.items():
     rungs[key] = combine_rounds(results[key])
-    rungs[key]["engine_config"] = engine_config_dict(prep.engine_config)
+    rungs[key]["engine_config"] = dataclasses.asdict(prep.engine_config)
   data = dict(common, rungs=rungs)
   data["summary"] = summary_rows(rungs)
   path = os.path.join(args.out, "ablation.json")
@@ -701,7 +292,7 @@ def run(args) -> int:
 
 def _run_sweep(args, common, model, mcfg, engine, items, m_budget, a_budget, overrides,
                repeats) -> int:
-  from dllm_jax.bench.driver import _json_default, engine_config_dict
+  from dllm_jax.bench.driver import _json_default
   rung = next(r for r in RUNGS if r.key == "all_on")
   grid = SWEEP_GRIDS[args.sweep]
   points, runner = [], None
@@ -730,7 +321,7 @@ def _run_sweep(args, common, model, mcfg, engine, items, m_budget, a_budget, ove
     points.append(dict(value=value, metrics=res["metrics"], median=res["median"],
                        memory=res["memory"], ablation=res["ablation"],
                        rounds=res["rounds"],
-                       engine_config=engine_config_dict(cfg)))
+                       engine_config=dataclasses.asdict(cfg)))
     del prep
     gc.collect()
   ok = [p for p in points if "metrics" in p]
@@ -741,12 +332,6 @@ def _run_sweep(args, common, model, mcfg, engine, items, m_budget, a_budget, ove
     json.dump(sweep, fh, default=_json_default)
   if ok:
     plot_sweep(sweep, os.path.join(args.out, f"sweep_{args.sweep}.png"))
-  print(f"\n| {args.sweep} | tokens/s | P50 (s) | P99 (s) | KV pages (peak / pool) | "
-        f"activation peak (MiB) |\n|---:|---:|---:|---:|---:|---:|")
-  for p in ok:
-    f = p["median"]
-    print(f"| {p['value']} | {f['throughput_tok_s']:.1f} | {f['p50_s']:.2f} | "
-          f"{f['p99_s']:.2f} | {p['ablation']['kv_pages_peak']} / {p['memory']['kv_pages'] - 1} "
-          f"| {p['ablation']['activation_peak_bytes'] / MiB:.2f} |")
+  print("\n" + sweep_table(sweep))
   print(f"\nwrote {path}")
   return 0

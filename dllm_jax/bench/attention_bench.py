@@ -25,6 +25,7 @@ import numpy as np
 
 from dllm_jax.model.attention import dense_attention
 from pallas_kernels.head_sparse_attention import head_sparse_attention, pack_queries
+from pallas_kernels.impls import KERNEL_IMPLS, TEST_ONLY_IMPLS
 
 CASES = {
     # name: (batch, Hq, Hkv, D, N list, block)
@@ -83,13 +84,23 @@ def run_case(b, hq, hkv, d, n, lb, *, ratio, page_size, dtype, repeats, impl):
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--cases", nargs="+", default=["cpu-small", "llada-8b"], choices=sorted(CASES))
-  p.add_argument("--keep-ratio", type=float, default=0.5)
-  p.add_argument("--page-size", type=int, default=64)
+  p.add_argument("--cases", nargs="+", default=["cpu-small", "llada-8b"], choices=sorted(CASES),
+                 help="shapes to time: " + "; ".join(
+                     f"{k} = batch {b}, heads {hq}/{hkv}, D {d}, N {ns}, block {lb}"
+                     for k, (b, hq, hkv, d, ns, lb) in CASES.items())
+                 + " (default cpu-small llada-8b)")
+  p.add_argument("--keep-ratio", type=float, default=0.5,
+                 help="fraction of the context kept per KV head by the sparse side (default 0.5)")
+  p.add_argument("--page-size", type=int, default=64,
+                 help="tokens per KV page of the sparse pool (default 64)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="default: float32 on CPU, bfloat16 on GPU")
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--impl", default="auto", choices=["auto", "pallas", "reference", "interpret"])
+  p.add_argument("--repeats", type=int, default=3, help="timed runs per case; the median "
+                 "is reported (default 3)")
+  p.add_argument("--impl", default="auto",
+                 choices=[i for i in KERNEL_IMPLS if i not in TEST_ONLY_IMPLS],
+                 help="head-sparse kernel implementation (default auto: Pallas on a GPU, the "
+                      "jnp reference elsewhere)")
   p.add_argument("--out", help="write the rows as JSON here")
 
 

@@ -238,9 +238,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
   w.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                  help="weights and activations (auto: bfloat16 on an accelerator, else float32)")
   w.add_argument("--batch", type=positive_int, default=32, help="requests B (default 32)")
-  w.add_argument("--prompt-len", type=positive_int, default=192)
-  w.add_argument("--gen-length", type=positive_int, default=64)
-  w.add_argument("--block-length", type=positive_int, default=32)
+  w.add_argument("--prompt-len", type=positive_int, default=192,
+                 help="random prompt tokens per request P (default 192)")
+  w.add_argument("--gen-length", type=positive_int, default=64,
+                 help="generated tokens per request G, one per step (default 64)")
+  w.add_argument("--block-length", type=positive_int, default=32,
+                 help="decoding block length; divides --gen-length (default 32)")
   w.add_argument("--seed", type=int, default=0, help="weights and prompts")
   m = p.add_argument_group("modes and measurements")
   m.add_argument("--modes", type=parse_modes, default=list(MODES),
@@ -250,11 +253,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
   m.add_argument("--pool-sweep", type=_csv(float, "--pool-sweep"), default=[],
                  help="fractions of free device memory, e.g. 0.2,0.4: repeat --sweep-mode with "
                       "memory_budget_bytes = F x free memory")
-  m.add_argument("--sweep-mode", choices=MODES, default="sparse")
+  m.add_argument("--sweep-mode", choices=MODES, default="sparse",
+                 help="the mode --pool-sweep repeats (default sparse)")
   m.add_argument("--device-memory-gb", type=positive_float,
                  help="free device memory for --pool-sweep (default: measured)")
   m.add_argument("--repeats", type=positive_int, default=5, help="single-phase timed runs")
-  m.add_argument("--no-single-phase", action="store_true")
+  m.add_argument("--no-single-phase", action="store_true",
+                 help="skip the single-phase timings (a Refresh-only and a Reuse-only step)")
   m.add_argument("--compile-cache", help="persistent compilation cache directory (default: "
                  "none, unless JAX already has one; the JSON names the one in use)")
   m.add_argument("--out", help="write the result JSON here")
@@ -330,9 +335,9 @@ def run(args) -> int:
   backend = jax.default_backend()
   dtype = {"auto": jnp.float32 if backend == "cpu" else jnp.bfloat16, "float32": jnp.float32,
            "bfloat16": jnp.bfloat16}[args.dtype]
-  from dllm_jax.model.transformer import init_model
+  from dllm_jax.bench.random_model import build_model
   t = time.perf_counter()
-  model = init_model(mcfg, param_dtype=dtype, seed=args.seed)
+  model = build_model(mcfg, dtype, seed=args.seed)
   init_s = time.perf_counter() - t
   prompts = random_prompts(mcfg, args.batch, args.prompt_len, args.seed)
   result = dict(
@@ -371,15 +376,10 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m dllm_jax.bench.e2e",
-                              description=__doc__.splitlines()[0])
-  add_args(p)
-  args = p.parse_args(argv)
-  try:
-    return run(args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"bench e2e: error: {e}", file=sys.stderr)
-    return 2
+  """``python -m dllm_jax.bench.e2e ARGS`` = ``dllm-jax bench e2e ARGS`` (the same parser, errors
+  and exit codes)."""
+  from dllm_jax import cli
+  return cli.main(["bench", "e2e", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--row-counts", type=lambda s: tuple(int(x) for x in s.split(",")),
                  help="comma-separated R to time (GPU default 256,1024,4096,8192 at LLaDA-8B "
                       "width; CPU default --rows at the runnable size)")
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--repeats", type=int, default=5,
+                 help="timed runs per plan; the median is reported (default 5)")
   p.add_argument("--skip-8b", action="store_true",
                  help="skip the LLaDA-8B sizes (CPU: the compile-only rows; GPU: time the "
                       "runnable size instead)")

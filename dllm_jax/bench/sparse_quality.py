@@ -12,7 +12,8 @@ is decoded and compared (an EOS fill would make tails agree trivially).
 
 Agreement is a proxy for quality loss, not a quality score: at keep ratio 1.0 a multi-layer model
 still differs from dense decoding because the cached K/V of the non-block positions are frozen at
-each block's Select step (dllm-serve-spec.md §3.4).
+each block's Select step: computed while the block still holds masks, they are not updated as its
+tokens are decoded (a bidirectional model's dense K/V would be).
 
   python -m dllm_jax.bench.sparse_quality --prompts 6 --gen-length 32 --block-length 16
 """
@@ -26,7 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-MODES = ("shared", "per_head", "per_head_adaptive")
+from dllm_jax.config import LOGIT_VARIANTS, SELECTION_MODES
+
+MODES = SELECTION_MODES
 
 
 def heldout_prompts(tokenizer, num_prompts: int, prompt_tokens: int) -> list[list[int]]:
@@ -105,14 +108,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default=None, help="model directory (default: the bundled demo)")
   p.add_argument("--prompts", type=int, default=6, help="number of held-out prompts")
   p.add_argument("--prompt-tokens", type=int, default=48, help="tokens per prompt")
-  p.add_argument("--gen-length", type=int, default=32)
-  p.add_argument("--block-length", type=int, default=16)
-  p.add_argument("--keep-ratio", type=float, default=0.5)
-  p.add_argument("--delay", type=int, default=1)
-  p.add_argument("--pool-kernel", type=int, default=3)
-  p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-  p.add_argument("--logits", default="rows", help="EngineConfig.logits (tokens do not depend "
-                 "on it)")
+  p.add_argument("--gen-length", type=int, default=32,
+                 help="generated tokens per prompt, all compared (default 32)")
+  p.add_argument("--block-length", type=int, default=16, help="decoding block length (default 16)")
+  p.add_argument("--keep-ratio", type=float, default=0.5,
+                 help="fraction of the context the sparse cache keeps per KV head (default 0.5)")
+  p.add_argument("--delay", type=int, default=1,
+                 help="Refresh steps of a block before its Select step (default 1)")
+  p.add_argument("--pool-kernel", type=int, default=3,
+                 help="max-pool width over the key scores before selection (default 3)")
+  p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                 help="selection modes to compare with dense decoding (default: all)")
+  p.add_argument("--logits", default="rows", choices=LOGIT_VARIANTS,
+                 help="EngineConfig.logits (tokens do not depend on it; default rows)")
   p.add_argument("--out", help="also write the numbers as JSON here")
 
 
@@ -140,10 +148,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m dllm_jax.bench.sparse_quality",
-                              description=__doc__.splitlines()[0])
-  add_args(p)
-  return run(p.parse_args(argv))
+  """``python -m dllm_jax.bench.sparse_quality ARGS`` = ``dllm-jax bench sparse-quality ARGS``."""
+  from dllm_jax import cli
+  return cli.main(["bench", "sparse-quality", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
