@@ -14,6 +14,9 @@ computes bit-identical params to an uninterrupted one (same machine, float32 on 
 
 Run directory layout (``--out``): ``tokenizer/`` (BPE, trained on first use), ``ckpt/`` (orbax
 CheckpointManager), ``log.jsonl`` (one line per logged step), ``summary.json``.
+
+The data stream is train/data.py, the held-out scores train/evaluation.py, the HF-layout export
+train/export.py; this module is the loss, the loop, its checkpoints and ``dllm-jax train-demo``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
-import shutil
 import sys
 import time
 from typing import Sequence
@@ -36,17 +37,16 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dllm_jax import checks
 from dllm_jax.config import ModelConfig
 from dllm_jax.model.transformer import Transformer, count_params, init_model, lm_head_logits
+from dllm_jax.train.data import sample_windows, token_stream
+from dllm_jax.train.evaluation import (  # noqa: F401 (eval_windows re-exported)
+    eval_windows, masked_accuracy, most_frequent_token, unigram_baseline_accuracy)
+from dllm_jax.train.export import export_bundle
 
 EPS = 1e-3
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-# Default sampling settings shipped with the demo model (LLaDA generate.py names).
-DEMO_GENERATION_CONFIG = {
-    "gen_length": 64, "steps": 64, "block_length": 32, "temperature": 0.0,
-    "remasking": "low_confidence", "cfg_scale": 0.0,
-}
+T_SAMPLINGS = ("stratified", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +71,12 @@ class TrainConfig:
   t_sampling: str = "stratified"
 
   def __post_init__(self):
-    for f in ("steps", "batch", "seq_len", "ckpt_every", "log_every"):
-      if getattr(self, f) < 1:
-        raise ValueError(f"{f}: must be >= 1, got {getattr(self, f)}")
+    checks.require_ints(self, ("steps", "batch", "seq_len", "ckpt_every", "log_every"))
     if not self.lr > 0:
       raise ValueError(f"lr: must be > 0, got {self.lr}")
     if not 0 < self.eps < 1:
       raise ValueError(f"eps: must be in (0, 1), got {self.eps}")
-    if self.t_sampling not in ("uniform", "stratified"):
-      raise ValueError(f"t_sampling: expected 'uniform' or 'stratified', got {self.t_sampling!r}")
+    checks.require_choice("t_sampling", self.t_sampling, T_SAMPLINGS)
 
   @property
   def warmup_steps(self) -> int:
@@ -116,65 +113,6 @@ def model_config_for_tokenizer(size: str, tok) -> ModelConfig:
   return model_config(size, vocab_size=tok.vocab_size, mask_token_id=tok.mask_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       eot_token_id=tok.eot_token_id, bos_token_id=tok.bos_token_id)
-
-
-# Data -----------------------------------------------------------------------------------------
-
-def _encode_all(tok, docs: Sequence[str]) -> list[list[int]]:
-  fast = getattr(getattr(tok, "hf", None), "backend_tokenizer", None)
-  if fast is not None:  # the Rust batch encoder: same ids as tok.encode, much faster
-    return [e.ids for e in fast.encode_batch(list(docs), add_special_tokens=False)]
-  return [tok.encode(d, add_special_tokens=False) for d in docs]
-
-
-def token_stream(docs: Sequence[str], tok, *, chat_fraction: float = 0.0,
-                 seed: int = 0) -> np.ndarray:
-  """All documents as one int32 stream [T], each followed by eos.
-
-  A seeded ``chat_fraction`` of the documents is written in the chat format instead (first line as
-  the user turn, the rest as the assistant turn, each closed by eot), so the demo model has seen
-  its chat markers. Needs ``tok.bos_token_id`` / ``eot_token_id`` when ``chat_fraction > 0``.
-  """
-  docs = list(docs)
-  chat = np.random.default_rng(seed).random(len(docs)) < chat_fraction
-  if chat.any():
-    user_id, asst_id = (tok.hf.convert_tokens_to_ids(t) for t in ("<|user|>", "<|assistant|>"))
-    if None in (user_id, asst_id, tok.bos_token_id, tok.eot_token_id):
-      raise ValueError("chat_fraction > 0 needs bos, eot, <|user|> and <|assistant|> tokens")
-  texts, heads = [], []
-  for d, c in zip(docs, chat):
-    first, _, rest = d.partition("\n")
-    rest = re.sub(r"\A[*=~^-]+\n", "", rest)  # a reST title underline belongs to neither turn
-    if c and rest.strip():
-      heads.append((first.strip(), rest.lstrip("\n")))
-      texts.extend([heads[-1][0], heads[-1][1]])
-    else:
-      heads.append(None)
-      texts.append(d)
-  ids = iter(_encode_all(tok, texts))
-  eos = tok.eos_token_id
-  out: list[int] = []
-  nl = _encode_all(tok, ["\n"])[0]
-  for h in heads:
-    if h is None:
-      out.extend(next(ids))
-    else:
-      user, answer = next(ids), next(ids)
-      # <|bos|><|user|>\n{first line}<|eot|><|assistant|>\n{rest}<|eot|>, as the chat template.
-      out += [tok.bos_token_id, user_id] + nl + user
-      out += [tok.eot_token_id, asst_id] + nl + answer
-      out.append(tok.eot_token_id)
-    out.append(eos)
-  return np.asarray(out, np.int32)
-
-
-def sample_windows(rng: np.random.Generator, stream: np.ndarray, batch: int,
-                   seq_len: int) -> np.ndarray:
-  """``batch`` random windows [batch, seq_len] int32 of ``stream`` (advances ``rng``)."""
-  if len(stream) <= seq_len:
-    raise ValueError(f"token stream of {len(stream)} tokens is shorter than seq_len {seq_len}")
-  starts = rng.integers(0, len(stream) - seq_len + 1, size=batch)
-  return stream[starts[:, None] + np.arange(seq_len)[None, :]]
 
 
 # Loss and step --------------------------------------------------------------------------------
@@ -347,135 +285,28 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, stream: np.ndarray, out_dir: str,
   return nnx.merge(graphdef, params), history
 
 
-# Evaluation -----------------------------------------------------------------------------------
-
-def _as_stream(docs, tok, eos_id: int | None) -> np.ndarray:
-  """Documents (strings, or token-id lists) -> one stream with eos between documents."""
-  docs = list(docs)
-  if docs and isinstance(docs[0], str):
-    if tok is None:
-      raise ValueError("text documents need a tokenizer")
-    docs = _encode_all(tok, docs)
-    eos_id = tok.eos_token_id if eos_id is None else eos_id
-  out: list[int] = []
-  for d in docs:
-    out.extend(int(i) for i in d)
-    if eos_id is not None:
-      out.append(eos_id)
-  return np.asarray(out, np.int32)
-
-
-def eval_windows(docs, *, seq_len: int, ratio: float, seed: int, tokenizer=None,
-                 eos_id: int | None = None, num_windows: int | None = None):
-  """Consecutive non-overlapping windows [W, S] of the documents and an exact-fraction mask [W, S]
-  (``round(ratio * S)`` positions per window, chosen by a seeded RNG)."""
-  if not 0 < ratio <= 1:
-    raise ValueError(f"ratio: must be in (0, 1], got {ratio}")
-  stream = _as_stream(docs, tokenizer, eos_id)
-  w = len(stream) // seq_len
-  if num_windows is not None:
-    w = min(w, num_windows)
-  if w < 1:
-    raise ValueError(f"held-out text has {len(stream)} tokens, fewer than seq_len {seq_len}")
-  windows = stream[: w * seq_len].reshape(w, seq_len)
-  rng = np.random.default_rng(seed)
-  k = max(1, round(ratio * seq_len))
-  mask = np.zeros((w, seq_len), bool)
-  for i in range(w):
-    mask[i, rng.permutation(seq_len)[:k]] = True
-  return windows, mask
-
-
-def masked_accuracy(model: Transformer, docs, ratio: float, seq_len: int = 128, seed: int = 0, *,
-                    tokenizer=None, num_windows: int | None = None, batch: int = 16) -> float:
-  """Argmax accuracy on masked positions of held-out windows, one forward pass per window.
-
-  ``docs``: strings (tokenized with ``tokenizer``, eos between) or token-id lists.
-  """
-  windows, mask = eval_windows(docs, seq_len=seq_len, ratio=ratio, seed=seed, tokenizer=tokenizer,
-                               eos_id=model.cfg.eos_token_id, num_windows=num_windows)
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def predict(state, noisy):
-    m = nnx.merge(graphdef, state)
-    b, s = noisy.shape
-    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    h = m.refresh(noisy, pos, jnp.full((b,), s, jnp.int32))
-    return jnp.argmax(lm_head_logits(m, h), axis=-1)
-
-  correct = total = 0
-  for i in range(0, len(windows), batch):
-    x, msk = windows[i:i + batch], mask[i:i + batch]
-    n = len(x)
-    if n < batch:  # pad to one shape: one compilation
-      x = np.concatenate([x, np.zeros((batch - n, seq_len), np.int32)])
-      msk = np.concatenate([msk, np.zeros((batch - n, seq_len), bool)])
-    noisy = np.where(msk, model.cfg.mask_token_id, x).astype(np.int32)
-    pred = np.asarray(predict(state, jnp.asarray(noisy)))
-    correct += int(np.sum((pred == x) & msk))
-    total += int(np.sum(msk))
-  return correct / total
-
-
-def most_frequent_token(train_docs, tokenizer=None, eos_id: int | None = None) -> int:
-  stream = _as_stream(train_docs, tokenizer, eos_id)
-  return int(np.argmax(np.bincount(stream)))
-
-
-def unigram_baseline_accuracy(train_docs, heldout_docs, tokenizer=None, *, ratio: float = 0.5,
-                              seq_len: int = 128, seed: int = 0, num_windows: int | None = None,
-                              eos_id: int | None = None, top_token: int | None = None) -> float:
-  """Accuracy of always predicting the single most frequent token of the TRAIN stream (eos
-  separators included), on exactly the masked positions :func:`masked_accuracy` scores with the
-  same arguments. (A context-free predictor cannot do better than the best single token.)
-  ``top_token`` skips re-counting the train documents."""
-  top = most_frequent_token(train_docs, tokenizer, eos_id) if top_token is None else top_token
-  windows, mask = eval_windows(heldout_docs, seq_len=seq_len, ratio=ratio, seed=seed,
-                               tokenizer=tokenizer, eos_id=eos_id, num_windows=num_windows)
-  return float(np.sum((windows == top) & mask) / np.sum(mask))
-
-
-# Export ---------------------------------------------------------------------------------------
-
-def export_bundle(model: Transformer, tokenizer_dir: str, out_dir: str, *,
-                  generation_config: dict | None = None, dtype=jnp.bfloat16) -> list[str]:
-  """The HF-layout model directory: config.json + model.safetensors (bf16), tokenizer files,
-  generation_config.json."""
-  from dllm_jax.model.loader import save_hf_checkpoint
-  written = list(save_hf_checkpoint(model, out_dir, dtype=dtype))
-  for f in TOKENIZER_FILES:
-    shutil.copyfile(os.path.join(tokenizer_dir, f), os.path.join(out_dir, f))
-    written.append(os.path.join(out_dir, f))
-  p = os.path.join(out_dir, "generation_config.json")
-  gen = dict(DEMO_GENERATION_CONFIG if generation_config is None else generation_config)
-  gen.update(mask_token_id=model.cfg.mask_token_id, eos_token_id=model.cfg.eos_token_id,
-             eot_token_id=model.cfg.eot_token_id, pad_token_id=model.cfg.pad_token_id)
-  with open(p, "w") as fh:
-    json.dump(gen, fh, indent=2)
-    fh.write("\n")
-  written.append(p)
-  for f in written:  # safetensors writes 0600; package data must be world-readable
-    os.chmod(f, 0o644)
-  return written
-
-
 # CLI ------------------------------------------------------------------------------------------
 
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
   d = TrainConfig()
   parser.add_argument("--out", required=True, help="run directory (tokenizer, checkpoints, log)")
-  parser.add_argument("--steps", type=int, default=d.steps)
-  parser.add_argument("--batch", type=int, default=d.batch)
-  parser.add_argument("--seq-len", type=int, default=d.seq_len)
+  parser.add_argument("--steps", type=int, default=d.steps,
+                      help="optimizer steps (default %(default)s)")
+  parser.add_argument("--batch", type=int, default=d.batch,
+                      help="sequences per step (default %(default)s)")
+  parser.add_argument("--seq-len", type=int, default=d.seq_len,
+                      help="tokens per training sequence (default %(default)s)")
   parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-  parser.add_argument("--seed", type=int, default=d.seed)
-  parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-  parser.add_argument("--t-sampling", choices=("stratified", "uniform"), default=d.t_sampling,
+  parser.add_argument("--seed", type=int, default=d.seed,
+                      help="seed of the initialisation, data order and masks (default %(default)s)")
+  parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
+                      help="steps between orbax checkpoints (default %(default)s)")
+  parser.add_argument("--t-sampling", choices=T_SAMPLINGS, default=d.t_sampling,
                       help="per-sequence mask rates: stratified over the batch, or i.i.d.")
   parser.add_argument("--resume", action="store_true",
                       help="continue from the latest checkpoint in --out")
-  parser.add_argument("--config-size", choices=sorted(SIZES), default="demo")
+  parser.add_argument("--config-size", choices=sorted(SIZES), default="demo",
+                      help="model size preset (default %(default)s)")
   parser.add_argument("--vocab-size", type=int, default=None,
                       help="BPE vocabulary when --out has no tokenizer yet (default 3072)")
   parser.add_argument("--export", metavar="DIR", default=None,
