@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels.common import MASK_VALUE, triton_params
+from pallas_kernels.head_sparse_attention.operands import SparseOperands
 
 MIN_DOT = 16  # tl.dot needs M, N, K >= 16 (only fails on the GPU, so enforce it up front)
 
@@ -114,15 +115,7 @@ def _kernel(*refs, block_k: int, scale: float, num_fresh: int, stacked: bool, sk
 
 
 def head_sparse_attention_kernel(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    page_table: jax.Array,
-    kv_len: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
-    new_len: jax.Array,
-    *,
+    *operands: jax.Array,
     scale: float,
     block_k: int,
     block_q: int | None = None,
@@ -134,7 +127,7 @@ def head_sparse_attention_kernel(
 ) -> jax.Array:
   """pallas_call wrapper (unvalidated; use ops.head_sparse_attention).
 
-  q [B, Hkv, QB, D]; k_pages, v_pages [Hkv, P, S, D] (head-major), [P, S, D] (shared page
+  operands (:class:`SparseOperands`, in that order): q [B, Hkv, QB, D]; k_pages, v_pages [Hkv, P, S, D] (head-major), [P, S, D] (shared page
   space) or, with ``layer`` (int32 [1], traced), [L, P, S, D] (a stacked shared pool read in
   place at that layer: the whole buffer is the operand, never a per-layer slice of it);
   page_table [B, Hkv, MP] int32; kv_len [B, Hkv] int32; k_new, v_new [B, Hkv, Ln, D];
@@ -142,6 +135,7 @@ def head_sparse_attention_kernel(
   past it are skipped and write zeros) -> [B, Hkv, QB, D].
   Grid (B, Hkv, QB // block_q). Fresh rows are zero-padded to a power of two >= 16 here.
   """
+  q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len = SparseOperands(*operands)
   batch, num_kv_heads, q_rows_total, head_dim = q.shape
   stacked = layer is not None
   num_pages, page_size = k_pages.shape[-3:-1]

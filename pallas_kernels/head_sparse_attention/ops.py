@@ -81,6 +81,7 @@ from pallas_kernels.head_sparse_attention.kernel import (
     head_sparse_attention_kernel,
     padded_rows,
 )
+from pallas_kernels.head_sparse_attention.operands import SparseOperands
 from pallas_kernels.head_sparse_attention.reference import head_sparse_attention_reference
 
 DEFAULT_BLOCK_K = 64
@@ -243,7 +244,7 @@ def head_sparse_attention(
   _validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len, layer, q_rows)
   impl = resolve_impl(impl)
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-  args = (q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len)
+  args = SparseOperands(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len)
   if layer is not None:
     layer = jnp.asarray(layer, jnp.int32)
   if impl == "reference":

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.head_sparse_attention.operands import SparseOperands
+
 
 def gather_cached(pages: jax.Array, page_table: jax.Array, layer=None) -> jax.Array:
   """Per-(request, head) cached rows, in token order.
@@ -57,26 +59,16 @@ def _attend(q, k, v, valid, scale):
   return o / jnp.where(l > 0, l, 1.0)
 
 
-def head_sparse_attention_reference(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    page_table: jax.Array,
-    kv_len: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
-    new_len: jax.Array,
-    *,
-    layer=None,
-    q_rows=None,
-    scale: float | None = None,
-) -> jax.Array:
-  """Reference head-sparse attention; shapes as in ops.head_sparse_attention -> [B, Hkv, QB, D].
+def head_sparse_attention_reference(*operands: jax.Array, layer=None, q_rows=None,
+                                    scale: float | None = None) -> jax.Array:
+  """Reference head-sparse attention of the eight ``operands`` (:class:`SparseOperands`, in that
+  order; shapes as in ops.head_sparse_attention) -> [B, Hkv, QB, D].
 
   Lengths outside [0, MP*S] / [0, Ln] behave as if clamped (the kernel clamps explicitly).
   With ``q_rows`` [B], requests run one at a time and a request with no query row in use is
   skipped (zeros): padding rows of a bucket cost nothing on the CPU path.
   """
+  q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len = SparseOperands(*operands)
   head_dim = q.shape[-1]
   scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
   f32 = jnp.float32
