@@ -195,15 +195,6 @@ class Printer:
       self.write(f"(nfe {out.nfe}, finish {out.finish_reason})")
 
 
-def _live_trace(llm, request_id: str) -> list | None:
-  """The list that ``add_request(return_trace=True)`` appends the canvas to after each step.
-  LLM has no public per-step hook, so it is read from the engine's request."""
-  try:
-    return llm.core._requests[request_id].trace
-  except (AttributeError, KeyError):
-    return None
-
-
 def _run_live(llm, prompts: list[str], sp, args, printer: Printer) -> None:
   width = terminal_width(sys.stdout)
   mask = llm.cfg.mask_token_id
@@ -212,17 +203,18 @@ def _run_live(llm, prompts: list[str], sp, args, printer: Printer) -> None:
     text = prompt
     if args.chat:
       text = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-    rid = llm.add_request(text, sp, return_trace=True)
-    trace, shown, out = _live_trace(llm, rid), 0, None
+    shown = 0
+
+    def show(request_id, canvas, finished):  # LLM.step calls it after each step of the request
+      nonlocal shown
+      shown += 1
+      line = f"[step {shown:>3}] {render_canvas(llm.tokenizer, canvas, mask)}"
+      print(one_line(line, width), flush=True)
+
+    rid = llm.add_request(text, sp, on_step=show)
+    out = None
     while out is None:
-      for o in llm.step():
-        if o.request_id == rid:
-          out = o
-      canvases = out.trace if out is not None else (trace or [])
-      for k in range(shown, len(canvases)):
-        line = f"[step {k + 1:>3}] {render_canvas(llm.tokenizer, canvases[k], mask)}"
-        print(one_line(line, width), flush=True)
-      shown = len(canvases)
+      out = next((o for o in llm.step() if o.request_id == rid and o.finished), None)
     printer.result(prompt, out, verbose=True)
 
 

@@ -95,10 +95,10 @@ def assert_idle(llm: LLM):
   """Nothing queued or running, every page and slot back in the pool."""
   core = llm.core
   assert not llm.has_unfinished()
-  assert not core.scheduler.running and not core.scheduler.waiting and not core._intake
+  assert not core.scheduler.running and not core.scheduler.waiting and core.num_waiting() == 0
   assert core.pages.num_free == core.pages.capacity
   assert core.slots.num_free == core.slots.num_slots
-  assert not core._requests
+  assert not core.request_ids() and not llm.request_ids()
 
 
 def run_interleaved(llm: LLM, prompts, sps, arrive, sparses=None, max_steps=2000):
@@ -322,7 +322,7 @@ def test_abort_running_sparse_frees_pages(make_llm, workload):
   outs = {}
   for _ in range(3):  # Refresh, Select, Reuse: the victim holds pages and a slot
     outs.update((o.request_id, o) for o in llm.step())
-  req = core._requests[victim]
+  req = next(r for r in core.scheduler.running if r.request_id == victim)
   assert req.pages and req.slot is not None and core.pages.num_free < cap
   assert llm.abort(victim)
   aborted = [o for o in llm.step() if o.finish_reason == "abort"]
@@ -393,8 +393,8 @@ def test_eos_early_finish_frees_resources_at_once(eos_llm):
     for out in done:
       assert out.request_id == stopper
       assert out.finish_reason == "eos" and out.token_ids == [EOS] * 16 and out.nfe == step
-      held = core._requests[other].pages_needed(core.mcfg.num_kv_heads, core.cfg.page_size)
       assert [r.request_id for r in core.scheduler.running] == [other]
+      held = core.scheduler.running[0].pages_needed(core.mcfg.num_kv_heads, core.cfg.page_size)
       assert 0 < held == cap - core.pages.num_free
       assert core.slots.num_free == core.slots.num_slots - 1
       finished = True
@@ -414,7 +414,7 @@ def strict_llm(model):
 
 def _nothing_queued(llm):
   core = llm.core
-  assert core.num_waiting() == 0 and not core._requests and not llm.has_unfinished()
+  assert core.num_waiting() == 0 and not core.request_ids() and not llm.has_unfinished()
 
 
 @pytest.mark.parametrize("prompt_len, sp, sparse, match", [
@@ -453,7 +453,7 @@ def test_queue_limit_and_duplicate_ids(strict_llm):
     strict_llm.add_request([9], sp)
   core = strict_llm.core
   assert core.num_waiting() == 6 and core.num_waiting_for_slot() == 2
-  assert len(core._requests) == 6
+  assert len(core.request_ids()) == 6
 
 
 def test_activation_budget_rejects_oversize_refresh(model):
@@ -516,7 +516,7 @@ def test_step_loop_does_not_retain_results(make_llm, workload):
   outs = run_interleaved(llm, prompts[:4], sps[:4], arrive=[0, 1, 2, 3])
   assert_same(outs, refs[:4])  # step() handed every result to its caller
   assert_idle(llm)
-  assert len(llm._outputs) == 0, f"{len(llm._outputs)} results retained after delivery"
+  assert not llm.request_ids(), f"{llm.request_ids()} retained after delivery"
 
 
 # Memory budgets ---------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def test_text_assembler_deltas_concatenate(server):
   hyp = pytest.importorskip("hypothesis")
   from hypothesis import strategies as st
 
-  from dllm_jax.server.text import TextAssembler
+  from dllm_jax.engine.text import TextAssembler
   tok, cfg = server.llm.tokenizer, server.llm.cfg
   vocab = cfg.vocab_size
 

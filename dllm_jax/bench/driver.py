@@ -160,6 +160,7 @@ class _Run:
     self.bar.update(1)
 
   def finish(self, out) -> None:
+    """Record a request's last output (engine.outputs.RequestOutput)."""
     i = self.rid_to_index.pop(out.request_id, None)
     if i is None:  # not one of this run's requests
       return
@@ -200,8 +201,9 @@ def run_workload(llm, items: Sequence[W.WorkItem], *, time_scale: float = 1.0,
   while not run.done():
     run.admit()
     if llm.has_unfinished():
-      for out in llm.step():
-        run.finish(out)
+      for out in llm.step():  # typed RequestOutputs; requests here do not stream
+        if out.finished:
+          run.finish(out)
     elif not run.backlog:
       run.idle_wait()
   wall = run.now()

@@ -2,7 +2,10 @@
 
 ``EngineCore.step()`` = schedule -> build bucketed inputs -> one device call -> read back the
 (x0, commit) arrays of the scheduled rows (the only device->host transfer of the step) -> commit
-on the host canvases, EOS rule, streaming callbacks, free finished requests at once.
+on the host canvases, EOS rule, free finished requests at once; it returns a :class:`StepResult`
+(the requests that ended, the ones that ran on). What a caller sees of a request (text, events)
+is built from that by ``LLM`` (engine/outputs.py). After a step raised, :meth:`EngineCore.recover`
+ends what the step may have left half done and rebuilds a consumed KV pool.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from dllm_jax.cache.page_pool import (PoolConfig, ShardedPageAllocator, SlotAllocator,
@@ -39,6 +42,19 @@ WARMUP_MODES = ("none", "quick", "full")
 
 class QueueFull(RuntimeError):
   """The waiting queue is at its limit (the server answers 429)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+  """What one :meth:`EngineCore.step` did to the requests.
+
+  finished: the requests that ended in it (finished, or aborted at its start); their pages and
+    slots are already free and the engine no longer holds them.
+  ran: the requests it ran that go on (their canvases may have changed).
+  """
+
+  finished: list[Request]
+  ran: list[Request]
 
 
 @dataclasses.dataclass
@@ -105,6 +121,7 @@ class EngineCore:
     self._intake: deque[Request] = deque()
     self._requests: dict[str, Request] = {}
     self._aborts: set[str] = set()
+    self._step_ended: list[Request] = []  # ended in the step under way (for recover)
 
   # Sizing -------------------------------------------------------------------------------------
   def _pool_config(self) -> PoolConfig:
@@ -204,12 +221,14 @@ class EngineCore:
                        f"{self.pages.capacity}")
 
   def add(self, prompt_ids: list[int], sp: SamplingParams, sparse: SparseConfig | None = None,
-          *, request_id: str | None = None, callback: Callable | None = None,
-          prompt: str | None = None) -> str:
+          *, request_id: str | None = None, prompt: str | None = None,
+          trace: bool = False) -> str:
     """Queue a request (thread-safe). Raises ValueError for one that can never run and
-    QueueFull when the waiting queue is at its limit."""
-    req = Request("", list(prompt_ids), sp, sparse, self.mcfg.mask_token_id, callback=callback,
-                  prompt=prompt)
+    QueueFull when the waiting queue is at its limit. ``trace``: keep the generated positions
+    after every step (``Request.trace``)."""
+    req = Request("", list(prompt_ids), sp, sparse, self.mcfg.mask_token_id, prompt=prompt)
+    if trace:
+      req.trace = []
     self._check(req)
     with self._lock:
       rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -229,6 +248,30 @@ class EngineCore:
         return False
       self._aborts.add(request_id)
       return True
+
+  def end(self, request_id: str, reason: str) -> Request | None:
+    """End a request at once, with ``reason`` (e.g. "stop": a stop string ended its text): its
+    pages and slot return to the pool now. Call it between steps from the thread that steps
+    (:meth:`abort` is the thread-safe, deferred form). Returns the request, or None when the
+    engine does not hold it."""
+    with self._lock:
+      req = self._requests.pop(request_id, None)
+      if req is None:
+        return None
+      self._aborts.discard(request_id)
+      for queue in (self._intake, self.scheduler.waiting):
+        if req in queue:
+          queue.remove(req)
+      self.scheduler.release(req)
+      req.status = Status.ABORTED if reason == "abort" else Status.FINISHED
+      req.finish_reason, req.finish_time = reason, time.perf_counter()
+    return req
+
+  def request_ids(self) -> set[str]:
+    """Ids of the requests the engine holds: queued, waiting, running, or aborted and not yet
+    released (thread-safe)."""
+    with self._lock:
+      return set(self._requests)
 
   def has_unfinished(self) -> bool:
     with self._lock:
@@ -334,15 +377,15 @@ class EngineCore:
       bar.close()
     return self.runner.compile_count - before
 
-  def step(self) -> list[Request]:
-    """Run one engine step; return the requests that finished (or were aborted) in it."""
+  def step(self) -> StepResult:
+    """Run one engine step: the requests that ended in it (finished, or aborted before it) and
+    the ones it ran that go on."""
     t0 = time.perf_counter()
-    finished = self._drain()
+    finished = self._step_ended = self._drain()
     plan = self.scheduler.schedule()
     if plan.empty:
-      for req in finished:
-        self._notify(req)
-      return finished
+      self._step_ended = []
+      return StepResult(finished, [])
     shapes = self.shapes_for(plan.refresh, plan.reuse)
     inputs, rows = build_step(plan.refresh, plan.reuse, self.mcfg, self.layout(shapes),
                               sparse_on=True, max_slots=self.pool_cfg.max_slots,
@@ -358,6 +401,7 @@ class EngineCore:
     sel_all = commit[rows.index] & rows.valid  # [n, C], all rows at once
     x0 = x0[rows.index]
     self.stats.committed_tokens += int(sel_all.sum())
+    ran = []
     for i, req in enumerate(reqs):
       sel = sel_all[i]
       is_done = req.apply(rows.positions[i][sel], x0[i][sel], self.mcfg.eos_ids,
@@ -371,9 +415,7 @@ class EngineCore:
           self._requests.pop(req.request_id, None)
         finished.append(req)
       else:
-        self._stream(req)
-    for req in finished:
-      self._notify(req)
+        ran.append(req)
     st = self.stats
     st.steps += 1
     st.refresh_rows += len(plan.refresh)
@@ -390,15 +432,31 @@ class EngineCore:
     st.phase_mix.append((len(plan.refresh), len(plan.reuse)))
     if len(st.phase_mix) > 2 * st.HISTORY:
       del st.phase_mix[:-st.HISTORY]
-    return finished
+    self._step_ended = []
+    return StepResult(finished, ran)
 
-  def _stream(self, req: Request) -> None:
-    n = req.committed_prefix()
-    if n > req.streamed and req.callback is not None:
-      req.streamed = n
-      req.callback(req, False)
-
-  def _notify(self, req: Request) -> None:
-    req.streamed = req.params.gen_length
-    if req.callback is not None:
-      req.callback(req, True)
+  # Failure recovery -----------------------------------------------------------------------------
+  def recover(self, error: str) -> list[Request]:
+    """Make the engine usable again after :meth:`step` raised (call it from the thread that
+    steps). The requests the failed step may have left half done end with status ABORTED,
+    finish_reason "error" and ``error``, their pages and slots freed: every running one (the
+    step may have half written its KV state), or the waiting ones when nothing was running (it
+    failed before admitting any). Queued requests not yet drained are untouched. A KV pool the
+    failed step consumed (donated to the device call) is rebuilt with the runner's sharding.
+    Returns those requests, after the ones that had ended in the failed step before it
+    failed (their results are whole)."""
+    now = time.perf_counter()
+    with self._lock:
+      ended, self._step_ended = list(self._step_ended), []
+      victims = list(self.scheduler.running) or list(self.scheduler.waiting)
+      for req in victims:
+        if req in self.scheduler.waiting:
+          self.scheduler.waiting.remove(req)
+        self.scheduler.release(req)
+        self._requests.pop(req.request_id, None)
+        self._aborts.discard(req.request_id)
+        req.status, req.finish_reason, req.error = Status.ABORTED, "error", error
+        req.finish_time = now
+    if any(x.is_deleted() for x in jax.tree.leaves(self.cache) if hasattr(x, "is_deleted")):
+      self.cache = self.runner.shard_cache(init_cache(self.pool_cfg))
+    return ended + victims

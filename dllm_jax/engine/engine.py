@@ -4,45 +4,33 @@
     out = llm.generate(["The socket module"], SamplingParams(gen_length=64))
     print(out[0].text, out[0].nfe)
 
+    rid = llm.add_request("Decorators", SamplingParams(gen_length=32), stream=True)
+    while llm.has_unfinished():
+      for o in llm.step():                        # typed RequestOutputs (engine/outputs.py)
+        print(o.kind.value, repr(o.delta), o.finish_reason)
+
 ``generate`` never applies a chat template; ``chat`` does.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import time
 from typing import Callable
 
 import numpy as np
 
 from dllm_jax.config import EngineConfig, SamplingParams, SparseConfig
-from dllm_jax.sampling.plan import LogitPlan
-from dllm_jax.engine.core import EngineCore
+from dllm_jax.engine.core import EngineCore, StepResult
+from dllm_jax.engine.outputs import (GenerationOutput, OutputKind, OutputProcessor,
+                                     RequestOutput, StepHook)
 from dllm_jax.model.transformer import Transformer
+from dllm_jax.sampling.plan import LogitPlan
+
+__all__ = ["LLM", "GenerationOutput", "RequestOutput", "OutputKind", "DEMO_MODEL_DIR"]
 
 DEMO_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "demo")
-
-
-@dataclasses.dataclass
-class GenerationOutput:
-  """Result of one request.
-
-  ``token_ids`` are all gen_length generated positions (after EOS fill); ``text`` decodes them up
-  to the first EOS / EoT (special tokens skipped). ``trace`` (on request) holds the generated
-  positions after every step, mask ids marking positions not yet committed.
-  """
-
-  index: int
-  prompt_token_ids: list[int]
-  token_ids: list[int]
-  text: str | None
-  nfe: int
-  finish_reason: str
-  prompt: str | None = None
-  trace: list[list[int]] | None = None
-  request_id: str | None = None
-  metrics: dict | None = None
 
 
 class LLM:
@@ -81,7 +69,7 @@ class LLM:
     if tokenizer is None and path and os.path.isfile(os.path.join(path, "tokenizer.json")):
       from dllm_jax.tokenizer import load_tokenizer
       tokenizer = load_tokenizer(path)
-    self.tokenizer = tokenizer
+    self._proc = OutputProcessor(tokenizer, self.cfg.eos_ids)
     if generation_config is None and path:
       gc = os.path.join(path, "generation_config.json")
       if os.path.isfile(gc):
@@ -92,8 +80,15 @@ class LLM:
     self.engine_config = engine_config or EngineConfig()
     self._core: EngineCore | None = None
     self._devices = devices
-    self._outputs: dict[str, GenerationOutput] = {}
-    self._collect: set[str] = set()
+    self._stepper = None  # who steps this engine (claim)
+
+  @property
+  def tokenizer(self):
+    return self._proc.tokenizer
+
+  @tokenizer.setter
+  def tokenizer(self, tok) -> None:
+    self._proc.tokenizer = tok
 
   @property
   def core(self) -> EngineCore:
@@ -105,85 +100,159 @@ class LLM:
   # Continuous batching ------------------------------------------------------------------------
   def add_request(self, prompt, sampling_params: SamplingParams | None = None,
                   sparse: SparseConfig | None = None, *, request_id: str | None = None,
-                  stream: Callable | None = None, return_trace: bool = False) -> str:
+                  stream: bool | StepHook = False, return_trace: bool = False,
+                  stop: str | list[str] | None = None, max_tokens: int | None = None,
+                  on_step: StepHook | None = None) -> str:
     """Queue one request; returns its id. ``prompt``: text or token ids. ``sparse``: this
-    request's SparseConfig (default: the engine's). ``stream(request_id, token_ids, finished)``
-    is called with the committed left prefix of the generation whenever it grows."""
+    request's SparseConfig (default: the engine's).
+
+    stream: True: :meth:`step` also returns a PREFIX output whenever the committed left prefix
+      grows (its text delta included) and, with ``return_trace``, a STEP output with the canvas
+      after every step. A callable (the older form) is called as ``stream(request_id,
+      token_ids, finished)`` with the committed prefix whenever it grows, and once at the end.
+    return_trace: the finished output carries the canvas after every step.
+    stop: stop strings (OpenAI ``stop``): the text ends before the first one, which ends the
+      request at once (finish_reason "stop", its pages freed). Needs a tokenizer.
+    max_tokens: cut the text to this many generated tokens (the canvas still runs to
+      gen_length; an EOS beyond the cut does not count).
+    on_step: ``on_step(request_id, canvas_ids, finished)`` after every step the request runs
+      (canvas_ids: its generated positions, the mask id where nothing is committed yet;
+      ``finished`` True on the step that ends it). Called in :meth:`step`: keep it cheap.
+    """
     if not isinstance(prompt, (str, list, tuple, np.ndarray)):
       raise ValueError(f"prompt: expected text or a list of token ids, got {type(prompt).__name__}")
     if len(prompt) and not isinstance(prompt, str) and isinstance(prompt[0], (list, tuple,
                                                                                np.ndarray)):
       raise ValueError("add_request takes one prompt (text or token ids); use generate for many")
+    stops = self._stops(stop)
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(
+        max_tokens, (int, np.integer)) or max_tokens < 1):
+      raise ValueError(f"max_tokens: expected a positive integer, got {max_tokens!r}")
+    for name, fn in (("stream", stream), ("on_step", on_step)):
+      if fn is not None and not isinstance(fn, bool) and not callable(fn):
+        raise ValueError(f"{name}: expected {'True/False or ' if name == 'stream' else ''}"
+                         f"a callable, got {type(fn).__name__}")
     texts, ids = self._prompt_ids([list(prompt)] if not isinstance(prompt, str) else [prompt])
     sp = self._sampling_params(sampling_params, 1)[0]
     sparse = self.engine_config.sparse if sparse is None else sparse
-    callback = None
-    if stream is not None:
-      def callback(req, finished):
-        stream(req.request_id, req.generated[:req.committed_prefix()].tolist(), finished)
-    rid = self.core.add(ids[0], sp, sparse, request_id=request_id, callback=callback,
-                        prompt=texts[0])
-    if return_trace:
-      self.core._requests[rid].trace = []
+    rid = self.core.add(ids[0], sp, sparse, request_id=request_id, prompt=texts[0],
+                        trace=return_trace)
+    self._proc.add(rid, ids[0], texts[0], stream=stream is True, trace=return_trace,
+                   stop=stops, max_tokens=max_tokens, on_step=on_step,
+                   on_prefix=stream if callable(stream) else None)
     return rid
 
-  def step(self) -> list[GenerationOutput]:
-    """One engine step; returns the outputs of the requests that finished in it."""
+  def step(self) -> list[RequestOutput]:
+    """One engine step. Returns the outputs it produced: a FINISHED one for every request that
+    ended (finished, stopped or aborted), and PREFIX / STEP ones of the requests added with
+    ``stream=True``. Nothing is kept after it returns them."""
+    return self._outputs_of(self.core.step())
+
+  def _outputs_of(self, res: StepResult) -> list[RequestOutput]:
+    now = time.perf_counter()
     outs = []
-    for req in self.core.step():
-      out = self._output(req)
-      if req.request_id in self._collect:  # generate() is waiting for it
-        self._outputs[req.request_id] = out
-      outs.append(out)
+    for req in res.ran:
+      if self._proc.watched(req.request_id):
+        got, stopped = self._proc.ran(req, now)
+        outs += got
+        if stopped:
+          self.core.end(req.request_id, "stop")  # its pages are free at once
+    for req in res.finished:
+      outs += self._proc.ended(req, now)
     return outs
 
   def abort(self, request_id: str) -> bool:
-    """Cancel a request; its KV pages are freed at the next step."""
+    """Cancel a request; its KV pages are freed at the next step, which returns its FINISHED
+    output (finish_reason "abort")."""
     return self.core.abort(request_id)
 
   def has_unfinished(self) -> bool:
     return self._core is not None and self._core.has_unfinished()
 
+  def request_ids(self) -> set[str]:
+    """Ids of the requests whose last output :meth:`step` has not returned yet."""
+    return self._proc.request_ids()
+
+  def recover(self, error: BaseException | str) -> list[RequestOutput]:
+    """Call after :meth:`step` raised, from the thread that steps: the engine ends what the
+    failed step may have left half done (every running request, see ``EngineCore.recover``)
+    and rebuilds a KV pool the step consumed, with its sharding. Returns the outputs of the
+    requests that ended: ERROR ones (``error`` says why) and FINISHED ones that completed in
+    the failed step before it failed. Decoding is deterministic: an ERROR request added again
+    gives the same tokens."""
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    now = time.perf_counter()
+    if self._core is None:
+      return []
+    ended = self.core.recover(msg)
+    outs = [o for r in ended for o in self._proc.ended(r, now)]
+    for rid in sorted(self._proc.request_ids() - self.core.request_ids()):
+      # the failed step released it (or its output processing failed): its output is lost
+      out = self._proc.lost(rid, msg, now)
+      if out is not None:
+        outs.append(out)
+    return outs
+
+  def claim(self, owner) -> None:
+    """Reserve stepping this engine for ``owner`` (a server's engine thread): the engine is
+    stepped by one thread only. RuntimeError when another owner holds it and is alive (an
+    ``alive`` attribute that is false releases a claim)."""
+    other = self._stepper
+    if other is not None and other is not owner and getattr(other, "alive", True):
+      raise RuntimeError("this LLM is already served by another running app; the engine "
+                         "must be stepped by one thread only")
+    self._stepper = owner
+
+  def unclaim(self, owner) -> None:
+    """Give up ``owner``'s claim (nothing happens when someone else holds it)."""
+    if self._stepper is owner:
+      self._stepper = None
+
   def generate(self, prompts, sampling_params=None, sparse=None, *, return_trace: bool = False,
-               progress=None, stream: Callable | None = None) -> list[GenerationOutput]:
+               progress=None, stream: Callable | None = None,
+               stop: str | list[str] | None = None) -> list[GenerationOutput]:
     """Generate with continuous batching (add_request + step until done), outputs in order.
 
     ``prompts``: a string, a list of strings, a list of token ids, or a list of token-id lists.
     ``sampling_params`` / ``sparse``: one for all, or a list with one per prompt.
+    ``stop``: stop strings for every prompt (see :meth:`add_request`); a stopped request's
+    ``token_ids`` hold the mask id where nothing was committed when it stopped.
     """
     texts, ids = self._prompt_ids(prompts)
     sps = self._sampling_params(sampling_params, len(ids))
     sparses = list(sparse) if isinstance(sparse, (list, tuple)) else [sparse] * len(ids)
     if len(sparses) != len(ids):
       raise ValueError(f"sparse: expected one SparseConfig or a list of {len(ids)}")
+    self._stops(stop)
     for i, (p, sp, spc) in enumerate(zip(ids, sps, sparses)):  # validate all before queueing any
       try:
         self.core.validate(p, sp, self.engine_config.sparse if spc is None else spc)
       except ValueError as e:
         raise ValueError(f"prompt {i}: {e}") from None
-    rids = [self.add_request(p, sp, spc, stream=stream, return_trace=return_trace)
+    rids = [self.add_request(p, sp, spc, stream=stream or False, return_trace=return_trace,
+                             stop=stop)
             for p, sp, spc in zip(ids, sps, sparses)]
-    self._collect.update(rids)
-    pending = set(rids)
-    while pending:
+    done: dict[str, RequestOutput] = {}
+    want = set(rids)
+    while len(done) < len(rids):
       for out in self.step():
-        pending.discard(out.request_id)
-        if progress is not None:
-          progress(len(rids) - len(pending), len(rids))
-    outs = [self._outputs.pop(r) for r in rids]
-    self._collect.difference_update(rids)
-    for i, (o, t) in enumerate(zip(outs, texts)):
-      o.index, o.prompt = i, t
+        if out.finished and out.request_id in want:
+          done[out.request_id] = out
+          if progress is not None:
+            progress(len(done), len(rids))
+    outs = [done[r].generation(i) for i, r in enumerate(rids)]
+    for o, t in zip(outs, texts):
+      o.prompt = t
     return outs
 
-  def _output(self, req) -> GenerationOutput:
-    gen = req.generated.tolist()
-    return GenerationOutput(
-        index=0, prompt_token_ids=list(req.prompt_ids), token_ids=gen,
-        text=self.text(gen), nfe=req.step, finish_reason=req.finish_reason or "length",
-        prompt=req.prompt, trace=req.trace, request_id=req.request_id,
-        metrics=dict(arrival=req.arrival, first_token=req.first_token_time,
-                     finish=req.finish_time))
+  def _stops(self, stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) and s for s in stops):
+      raise ValueError(f"stop: expected a non-empty string or a list of them, got {stop!r}")
+    if stops and self.tokenizer is None:
+      raise ValueError("stop strings need a tokenizer; pass tokenizer= or a model directory "
+                       "with one")
+    return stops
 
   # Public API ---------------------------------------------------------------------------------
   def default_sampling_params(self) -> SamplingParams:

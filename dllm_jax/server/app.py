@@ -64,7 +64,7 @@ from dllm_jax.server import errors, handlers
 from dllm_jax.server import protocol as P
 from dllm_jax.server.errors import APIError
 from dllm_jax.server.state import ServerState
-from dllm_jax.server.text import TextAssembler  # noqa: F401 - re-exported (older imports)
+from dllm_jax.engine.text import TextAssembler  # noqa: F401 - re-exported (older imports)
 from dllm_jax.server.worker import EngineWorker, describe
 
 log = logging.getLogger("dllm_jax.server")

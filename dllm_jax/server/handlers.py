@@ -21,8 +21,7 @@ from dllm_jax.server.errors import APIError, error_body, type_for
 from dllm_jax.server.state import ServerState
 from dllm_jax.server.streaming import (DONE, KEEPALIVE, SSE_HEADERS, SSE_MEDIA_TYPE, sse,
                                        updates)
-from dllm_jax.server.text import TextAssembler
-from dllm_jax.server.worker import Handle, QueueFull, ShuttingDown
+from dllm_jax.server.worker import Failure, Handle, QueueFull, ShuttingDown
 
 
 # Endpoints ---------------------------------------------------------------------------------------
@@ -58,24 +57,23 @@ async def diffusion_generate(request: Request, state: ServerState):
   sparse = I.sparse_config(req.sparse)
   I.check_context(prompt_ids, sp, state)
   handle = _submit(state, prompt_ids, sp, sparse, trace=req.return_trace, prefix="gen",
-                   endpoint="diffusion")
-  tok = state.tokenizer
-  asm = TextAssembler(tok, state.eos_ids) if tok is not None else None
+                   endpoint="diffusion", stream=req.stream)
   if req.stream:
-    return StreamingResponse(_native_stream(handle, asm, state), media_type=SSE_MEDIA_TYPE,
+    return StreamingResponse(_native_stream(handle, state), media_type=SSE_MEDIA_TYPE,
                              headers=SSE_HEADERS)
-  out = await _collect(request, handle, asm, state)
-  state.metrics.observe("diffusion", handle, asm.n_tokens if asm else len(out.token_ids),
-                        len(prompt_ids))
-  return _native_result(handle, out, asm, state, with_trace=req.return_trace)
+  out = await _collect(request, handle, state)
+  state.metrics.observe("diffusion", handle, _completion_tokens(out), len(prompt_ids))
+  return _native_result(handle, out, state, with_trace=req.return_trace)
 
 
 # Submission --------------------------------------------------------------------------------------
 def _submit(state: ServerState, prompt_ids, sp, sparse, *, trace: bool, prefix: str,
-            endpoint: str) -> Handle:
+            endpoint: str, stream: bool, stops: list[str] | None = None,
+            limit: int | None = None) -> Handle:
   w = state.worker
   handle = Handle(w.new_id(f"{prefix}-{uuid.uuid4().hex[:12]}"), asyncio.get_running_loop(),
-                  prompt_ids, sp, sparse, trace=trace, endpoint=endpoint)
+                  prompt_ids, sp, sparse, trace=trace, endpoint=endpoint, stream=stream,
+                  stops=stops, limit=limit)
   try:
     w.submit(handle)
   except QueueFull as e:
@@ -95,18 +93,15 @@ def _submit(state: ServerState, prompt_ids, sp, sparse, *, trace: bool, prefix: 
   return handle
 
 
-async def _collect(request: Request, handle: Handle, asm: TextAssembler | None,
-                   state: ServerState):
-  """The GenerationOutput of a non-streamed request (None when a stop string ended it)."""
-  events = updates(handle, state, asm, decode_prefixes=bool(asm and asm.stops),
-                   request=request)
+async def _collect(request: Request, handle: Handle, state: ServerState):
+  """The engine's FINISHED output of a non-streamed request."""
+  events = updates(handle, state, request=request)
   async with contextlib.aclosing(events):
     async for u in events:
       if u.kind == "done":
         return u.out
       if u.kind == "error":
-        status, msg, code = u.error
-        raise APIError(status, msg, code=code)
+        raise APIError(u.error.status, u.error.message, code=u.error.code)
   raise APIError(500, "the request ended without a result", code="internal_error")
 
 
@@ -115,9 +110,20 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
           "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _sse_error(error: tuple) -> str:
-  status, msg, code = error
-  return sse(error_body(msg, type_for(status), None, code))
+def _completion_tokens(out) -> int:
+  """Generated tokens up to the end of the text (before EOS / EoT or the stop string); the
+  whole canvas without a tokenizer."""
+  return out.num_text_tokens if out.text is not None else len(out.token_ids)
+
+
+def _openai_finish_reason(out) -> str:
+  """OpenAI's finish_reason: "stop" (an EOS / EoT within the text, or a stop string) or
+  "length"."""
+  return "stop" if out.finish_reason in ("eos", "stop") else "length"
+
+
+def _sse_error(error: Failure) -> str:
+  return sse(error_body(error.message, type_for(error.status), None, error.code))
 
 
 # OpenAI ------------------------------------------------------------------------------------------
@@ -130,31 +136,33 @@ async def _openai(request: Request, req, prompt_ids, state: ServerState, *, chat
   stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
   endpoint = "chat" if chat else "completions"
   handle = _submit(state, prompt_ids, sp, sparse, trace=False,
-                   prefix="chatcmpl" if chat else "cmpl", endpoint=endpoint)
-  asm = TextAssembler(state.tokenizer, state.eos_ids, limit=limit, stops=stops)
+                   prefix="chatcmpl" if chat else "cmpl", endpoint=endpoint, stream=req.stream,
+                   stops=stops, limit=limit)
   base = {"id": handle.orig_rid, "created": handle.created, "model": state.model_name,
           "system_fingerprint": None}
   if req.stream:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return StreamingResponse(
-        _openai_stream(handle, asm, state, base, chat=chat, include_usage=include_usage),
+        _openai_stream(handle, state, base, chat=chat, include_usage=include_usage),
         media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
-  await _collect(request, handle, asm, state)
-  state.metrics.observe(endpoint, handle, asm.n_tokens, len(prompt_ids))
-  usage = _usage(len(prompt_ids), asm.n_tokens)
+  out = await _collect(request, handle, state)
+  n = _completion_tokens(out)
+  state.metrics.observe(endpoint, handle, n, len(prompt_ids))
+  usage = _usage(len(prompt_ids), n)
+  finish = _openai_finish_reason(out)
   if chat:
     return {**base, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": asm.sent},
-                         "logprobs": None, "finish_reason": asm.finish_reason}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                         "logprobs": None, "finish_reason": finish}],
             "usage": usage}
   return {**base, "object": "text_completion",
-          "choices": [{"index": 0, "text": asm.sent, "logprobs": None,
-                       "finish_reason": asm.finish_reason}],
+          "choices": [{"index": 0, "text": out.text, "logprobs": None,
+                       "finish_reason": finish}],
           "usage": usage}
 
 
-async def _openai_stream(handle: Handle, asm: TextAssembler, state: ServerState, base: dict,
-                         *, chat: bool, include_usage: bool):
+async def _openai_stream(handle: Handle, state: ServerState, base: dict, *, chat: bool,
+                         include_usage: bool):
   obj = "chat.completion.chunk" if chat else "text_completion"
 
   def chunk(text: str | None, finish: str | None, *, role: bool = False) -> dict:
@@ -172,7 +180,8 @@ async def _openai_stream(handle: Handle, asm: TextAssembler, state: ServerState,
 
   if chat:
     yield sse(chunk("", None, role=True))
-  async with contextlib.aclosing(updates(handle, state, asm)) as events:
+  out = None
+  async with contextlib.aclosing(updates(handle, state)) as events:
     async for u in events:
       if u.kind == "heartbeat":
         yield KEEPALIVE
@@ -183,17 +192,22 @@ async def _openai_stream(handle: Handle, asm: TextAssembler, state: ServerState,
         yield DONE
         return
       elif u.kind == "done":
+        out = u.out
         break
-  yield sse(chunk(None if chat else "", asm.finish_reason))
-  state.metrics.observe(handle.endpoint, handle, asm.n_tokens, len(handle.prompt_ids))
+  if out is None:
+    return
+  n = _completion_tokens(out)
+  yield sse(chunk(None if chat else "", _openai_finish_reason(out)))
+  state.metrics.observe(handle.endpoint, handle, n, len(handle.prompt_ids))
   if include_usage:
-    yield sse({**base, "object": obj, "choices": [],
-               "usage": _usage(len(handle.prompt_ids), asm.n_tokens)})
+    yield sse({**base, "object": obj, "choices": [], "usage": _usage(len(handle.prompt_ids), n)})
   yield DONE
 
 
 # Native ------------------------------------------------------------------------------------------
-def _canvas_event(handle: Handle, k: int, row: list[int], t: float, state: ServerState) -> dict:
+def _canvas_event(handle: Handle, out, state: ServerState) -> dict:
+  """A ``diffusion.step`` event of a STEP output."""
+  k, row, t = out.nfe, out.canvas, out.time
   mask = state.mask_id
   g = len(row)
   committed = sum(1 for x in row if x != mask)
@@ -211,18 +225,17 @@ def _canvas_event(handle: Handle, k: int, row: list[int], t: float, state: Serve
           "tokens_per_s": round(committed / elapsed, 2)}
 
 
-def _native_result(handle: Handle, out, asm: TextAssembler | None, state: ServerState, *,
-                   with_trace: bool) -> dict:
+def _native_result(handle: Handle, out, state: ServerState, *, with_trace: bool) -> dict:
   finished_at = (out.metrics or {}).get("finish") or time.perf_counter()
   elapsed = max(finished_at - handle.t0, 1e-9)
   sp = handle.sp
   res = {
       "id": handle.orig_rid, "object": "diffusion.generation", "created": handle.created,
       "model": state.model_name,
-      "text": out.text if out.text is not None else (asm.sent if asm else None),
+      "text": out.text,
       "token_ids": list(out.token_ids), "finish_reason": out.finish_reason, "nfe": out.nfe,
       "mask_token_id": state.mask_id,
-      "usage": _usage(len(handle.prompt_ids), asm.n_tokens if asm else len(out.token_ids)),
+      "usage": _usage(len(handle.prompt_ids), _completion_tokens(out)),
       "timing": {"total_s": round(elapsed, 4),
                  "ttft_s": (round(handle.first_token_t - handle.t0, 4)
                             if handle.first_token_t else None),
@@ -244,8 +257,8 @@ def _sparse_dict(sparse, state: ServerState):
           "delay": sparse.delay, "selection": sparse.selection}
 
 
-async def _native_stream(handle: Handle, asm: TextAssembler | None, state: ServerState):
-  async with contextlib.aclosing(updates(handle, state, asm)) as events:
+async def _native_stream(handle: Handle, state: ServerState):
+  async with contextlib.aclosing(updates(handle, state)) as events:
     async for u in events:
       if u.kind == "heartbeat":
         yield KEEPALIVE
@@ -253,14 +266,15 @@ async def _native_stream(handle: Handle, asm: TextAssembler | None, state: Serve
         yield sse({"object": "diffusion.delta", "id": handle.orig_rid, "delta": u.text,
                    "prefix": u.prefix})
       elif u.kind == "step":
-        yield sse(_canvas_event(handle, *u.step, state))
+        yield sse(_canvas_event(handle, u.out, state))
       elif u.kind == "error":
         yield _sse_error(u.error)
         yield DONE
         return
       elif u.kind == "done":
-        state.metrics.observe("diffusion", handle, asm.n_tokens if asm else 0,
+        state.metrics.observe("diffusion", handle,
+                              u.out.num_text_tokens if u.out.text is not None else 0,
                               len(handle.prompt_ids))
-        yield sse(_native_result(handle, u.out, asm, state, with_trace=False))
+        yield sse(_native_result(handle, u.out, state, with_trace=False))
         yield DONE
         return

@@ -1,10 +1,13 @@
 """The one event loop behind every answer, and server-sent-event framing.
 
-:func:`updates` turns a request's engine events into text deltas, trace steps, heartbeats and
-its end; the OpenAI stream, the native stream and the collected (non-streamed) answers all
-consume it. Whenever it stops before the engine finished the request (a stop string, a client
-that went away, a cancelled response), the engine request is aborted at once, which frees its
-KV pages at the next step boundary.
+:func:`updates` turns a request's events (the engine's RequestOutputs, the worker's Failures) into
+text deltas, trace steps, heartbeats and its end; the OpenAI stream, the native stream and the
+collected (non-streamed) answers all consume it. The text itself (incremental detokenising, stop
+strings, the max_tokens cut) is the engine's (engine/outputs.py): a delta is what the request's
+text gained since the last one sent, so a retried request (whose text regrows from the start)
+sends nothing twice. Whenever it stops before the engine finished the request (a client that
+went away, a cancelled response), the engine request is aborted at once, which frees its KV
+pages at the next step boundary.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import json
 import time
 from typing import Any, AsyncIterator
 
+from dllm_jax.engine.outputs import OutputKind, RequestOutput
 from dllm_jax.server.errors import client_closed
-from dllm_jax.server.text import TextAssembler
-from dllm_jax.server.worker import Handle
+from dllm_jax.server.worker import Failure, Handle
 
 HEARTBEAT_S = 5.0          # a streamed response sends a comment line after this much silence
 DISCONNECT_CHECK_S = 1.0   # a collected answer checks this often whether its client is gone
@@ -38,31 +41,27 @@ DONE = sse("[DONE]")
 
 @dataclasses.dataclass
 class Update:
-  """One thing for a response to send. kind: "delta" (new text; ``prefix``: committed tokens),
-  "step" (``step``: (k, row, t) of the trace), "heartbeat", "done" (``out``: the
-  GenerationOutput; None when a stop string ended the request) or "error" (``error``:
-  (status, message, code))."""
+  """One thing for a response to send. kind: "delta" (new ``text``; ``prefix``: committed
+  tokens), "step" (``out``: the STEP output), "heartbeat", "done" (``out``: the FINISHED output)
+  or "error" (``error``: the Failure)."""
 
   kind: str
   text: str = ""
   prefix: int = 0
-  step: tuple | None = None
-  out: Any = None
-  error: tuple | None = None
+  out: RequestOutput | None = None
+  error: Failure | None = None
 
 
-async def updates(handle: Handle, state, asm: TextAssembler | None, *,
-                  decode_prefixes: bool = True, request=None) -> AsyncIterator[Update]:
+async def updates(handle: Handle, state, *, request=None) -> AsyncIterator[Update]:
   """The request's updates until "done" or "error".
 
-  decode_prefixes: turn committed prefixes into deltas as they grow (a collected answer needs
-    this only to notice a stop string early).
   request: given for a collected answer, whose client is polled every DISCONNECT_CHECK_S and
     gets a 499 when gone (a streamed response notices that itself and is cancelled).
   """
   worker, metrics = state.worker, state.metrics
   idle = DISCONNECT_CHECK_S if request is not None else HEARTBEAT_S
   ended = False
+  sent = 0  # characters of the request's text already yielded
   checked = time.monotonic()
   try:
     while True:
@@ -76,32 +75,19 @@ async def updates(handle: Handle, state, asm: TextAssembler | None, *,
         if request is None:
           yield Update("heartbeat")
         continue
-      kind = ev[0]
-      if kind == "prefix":
-        if asm is None or not decode_prefixes:
-          continue
-        delta = asm.update(ev[1])
-        if delta:
-          yield Update("delta", delta, prefix=len(ev[1]))
-        if asm.final:  # a stop string ended it: free the pages now
-          ended = True
-          worker.abort(handle)
-          yield Update("done")
-          return
-      elif kind == "step":
-        yield Update("step", step=ev[1:])
-      elif kind == "done":
+      if isinstance(ev, Failure):
         ended = True
-        out = ev[1]
-        if asm is not None:
-          delta = asm.update(out.token_ids, True)
-          if delta:
-            yield Update("delta", delta, prefix=len(out.token_ids))
-        yield Update("done", out=out)
+        yield Update("error", error=ev)
         return
-      elif kind == "error":
+      if ev.kind is OutputKind.STEP:
+        yield Update("step", out=ev)
+        continue
+      if ev.text is not None and len(ev.text) > sent:
+        yield Update("delta", ev.text[sent:], prefix=ev.prefix_len)
+        sent = len(ev.text)
+      if ev.finished:
         ended = True
-        yield Update("error", error=ev[1:])
+        yield Update("done", out=ev)
         return
   except (asyncio.CancelledError, GeneratorExit):
     if not ended:  # the response was cancelled: its client went away (or the server stops)

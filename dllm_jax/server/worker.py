@@ -1,94 +1,110 @@
 """The engine thread of the server: one ``LLM`` stepped by one background thread.
 
 The engine is not thread-safe except ``add_request`` / ``abort`` (a locked intake), so every
-``step()`` runs in :class:`EngineWorker`'s thread. HTTP handlers talk to it through a
-:class:`Handle` per request: the engine thread posts events onto the handle with
-``loop.call_soon_threadsafe`` and the handler consumes them in order:
-
-    ("prefix", ids)            the committed left-contiguous prefix grew (stream callback;
-                               consecutive ones coalesce: each supersedes the previous one)
-    ("step", k, row, t)        generated positions after step k (only with return_trace)
-    ("done", output, t)        the request finished (GenerationOutput)
-    ("error", status, msg, code)  the request failed or was cancelled by the server
+``step()`` runs in :class:`EngineWorker`'s thread, which claims the engine (``LLM.claim``). HTTP
+handlers talk to it through a :class:`Handle` per request: the engine thread posts events onto
+the handle with ``loop.call_soon_threadsafe`` and the handler consumes them in order. An event is
+either the engine's own :class:`~dllm_jax.engine.outputs.RequestOutput` (PREFIX: the committed
+prefix and its text grew, consecutive ones coalesce as each supersedes the previous one; STEP:
+the canvas after a step, only with return_trace; FINISHED: the request ended) or a
+:class:`Failure` (the server ended the request: HTTP status, message, code).
 
 Admission: ``max_queue`` bounds the requests that wait for a running slot, counted as the
 requests in flight that are not running beyond the engine's free running slots (a burst that
 fits the free slots is never refused). A request the engine's own intake cannot take yet
 (``QueueFull``) is parked here, in order, and fed to the engine by its thread between steps.
 
-Failure isolation: an exception inside ``llm.step()`` does not stop the loop. The requests that
-were running in the failed step are aborted (their KV pages return to the pool) and retried from
-scratch one at a time, when the engine is otherwise idle (or after ``retry_wait_s``); decoding is
-deterministic and batch-invariant, so a retry gives the same tokens and a stream simply continues.
-A request that is in a second failed step gets its own error (HTTP 500) and the others go on.
+Failure isolation: an exception inside ``llm.step()`` does not stop the loop. ``llm.recover``
+ends the requests the failed step may have left half done (ERROR outputs; their KV pages return
+to the pool, a consumed pool is rebuilt) and those are retried from scratch one at a time, when
+the engine is otherwise idle (or after ``retry_wait_s``); decoding is deterministic and
+batch-invariant, so a retry gives the same tokens and a stream simply continues. A request that
+is in a second failed step gets its own error (HTTP 500) and the others go on.
 
 Nothing is kept after a request is delivered: handles exist only while a request is in flight.
-The few places that still reach into engine internals are the ``# ENGINE-API:`` functions at the
-end of this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Union
 
 from dllm_jax.engine.core import QueueFull
+from dllm_jax.engine.outputs import OutputKind, RequestOutput
 
 log = logging.getLogger("dllm_jax.server")
 
-__all__ = ["EngineWorker", "Handle", "QueueFull", "ShuttingDown", "describe"]
+__all__ = ["EngineWorker", "Failure", "Handle", "QueueFull", "ShuttingDown", "describe"]
 
 
 class ShuttingDown(RuntimeError):
   """The server no longer accepts requests (HTTP 503)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Failure:
+  """The server ended a request: the HTTP ``status``, a ``message`` and an error ``code``."""
+
+  status: int
+  message: str
+  code: str | None = None
+
+
+Event = Union[RequestOutput, Failure]
+
+
 class Handle:
-  """One in-flight request as the HTTP side sees it."""
+  """One in-flight request as the HTTP side sees it. ``stream``: the handler wants PREFIX (and
+  with ``trace`` STEP) events, not only the end; ``stops`` / ``limit``: the text's stop strings
+  and token cut (OpenAI ``stop`` / ``max_tokens``), applied by the engine."""
 
   def __init__(self, rid: str, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], sp,
-               sparse, *, trace: bool = False, endpoint: str = ""):
+               sparse, *, trace: bool = False, endpoint: str = "", stream: bool = False,
+               stops: list[str] | None = None, limit: int | None = None):
     self.rid = rid
     self.orig_rid = rid
     self.loop = loop
-    self._events: collections.deque[tuple] = collections.deque()  # touched in the loop only
+    self._events: collections.deque[Event] = collections.deque()  # touched in the loop only
     self._ready = asyncio.Event()
     self.prompt_ids = prompt_ids
     self.sp = sp
     self.sparse = sparse
     self.trace = trace
     self.endpoint = endpoint
+    self.stream = stream
+    self.stops = list(stops or [])
+    self.limit = limit
     self.t0 = time.perf_counter()
     self.created = int(time.time())
-    self.trace_sent = 0      # trace rows already posted (survives a retry: rows repeat)
+    self.trace_sent = 0      # steps already posted (survives a retry: steps repeat)
     self.strikes = 0         # failed engine steps this request was part of
     self.retries = 0
-    self.retry_pending = False
     self.retry_since = 0.0
     self.cancelled = False   # the client went away / the handler stopped waiting
     self.first_token_t: float | None = None
 
-  def post(self, event: tuple) -> None:
+  def post(self, event: Event) -> None:
     """Any thread: queue ``event`` for the handler."""
     try:
       self.loop.call_soon_threadsafe(self._put, event)
     except RuntimeError:  # the event loop is closed: nobody is listening any more
       pass
 
-  def _put(self, event: tuple) -> None:
+  def _put(self, event: Event) -> None:
     ev = self._events
-    if event[0] == "prefix" and ev and ev[-1][0] == "prefix":
-      ev[-1] = event  # a longer committed prefix supersedes the unread one
+    if _is_prefix(event) and ev and _is_prefix(ev[-1]):
+      ev[-1] = event  # a longer committed prefix (its whole text) supersedes the unread one
     else:
       ev.append(event)
     self._ready.set()
 
-  async def next_event(self, timeout: float) -> tuple | None:
+  async def next_event(self, timeout: float) -> Event | None:
     """The next event, or None after ``timeout`` seconds without one."""
     if not self._events:
       self._ready.clear()
@@ -131,7 +147,7 @@ class EngineWorker:
   def start(self) -> None:
     if self._thread is not None:
       return
-    _claim_engine(self.llm, self)
+    self.llm.claim(self)
     self._stop.clear()
     self._thread = threading.Thread(target=self._run, name="dllm-engine", daemon=True)
     self._thread.start()
@@ -165,7 +181,7 @@ class EngineWorker:
       self._pending.clear()
     for h in left:
       h.cancelled = True
-      h.post(("error", 503, "the server is shutting down; request cancelled", "shutting_down"))
+      h.post(Failure(503, "the server is shutting down; request cancelled", "shutting_down"))
       self.llm.abort(h.rid)
     deadline = time.monotonic() + 10.0
     while self.alive and self.llm.has_unfinished() and time.monotonic() < deadline:
@@ -175,6 +191,7 @@ class EngineWorker:
     if self._thread is not None:
       await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30.0)
     self._thread = None
+    self.llm.unclaim(self)
 
   # Intake (any thread) -------------------------------------------------------------------------
   def new_id(self, prefix: str) -> str:
@@ -207,20 +224,12 @@ class EngineWorker:
       self._handles[handle.rid] = handle
     try:
       self.llm.add_request(handle.prompt_ids, handle.sp, handle.sparse, request_id=handle.rid,
-                           stream=self._callback(handle), return_trace=handle.trace)
+                           stream=handle.stream, return_trace=handle.trace, stop=handle.stops,
+                           max_tokens=handle.limit)
     except BaseException:
       with self._hlock:
         self._handles.pop(handle.rid, None)
       raise
-
-  @staticmethod
-  def _callback(handle: Handle):
-    def cb(rid, ids, finished):  # engine thread, inside step(): keep it cheap, never raise
-      if not finished and not handle.cancelled:
-        if handle.first_token_t is None and ids:
-          handle.first_token_t = time.perf_counter()
-        handle.post(("prefix", ids))
-    return cb
 
   def abort(self, handle: Handle) -> None:
     """The client is gone (or no longer needs the rest): free the request's pages."""
@@ -285,80 +294,65 @@ class EngineWorker:
           self._pending.appendleft(h)
         return
       except Exception as e:  # noqa: BLE001 - validated at submit; report, never stall
-        h.post(("error", 400, str(e), None))
+        h.post(Failure(400, str(e)))
         continue
       if h.cancelled:  # aborted while being added
         self.llm.abort(h.rid)
 
-  def _deliver(self, outs) -> None:
+  def _deliver(self, outs: list[RequestOutput]) -> None:
     now = time.perf_counter()
     for out in outs:
-      _drop_kept_output(self.llm, out.request_id)
       with self._hlock:
-        h = self._handles.pop(out.request_id, None)
+        h = self._handles.get(out.request_id)
+        if h is not None and out.finished:
+          del self._handles[out.request_id]
       if h is None:
         continue
-      if out.finish_reason == "abort":
-        if h.retry_pending and not h.cancelled and self.accepting:
-          h.retry_pending = False
-          if h.strikes >= 2:
-            self._fail(h, "the engine failed while running this request")
-          else:
-            h.retry_since = now
-            with self._hlock:
-              self._retry.append(h)
-        elif not h.cancelled:
-          h.post(("error", 503, "the request was cancelled", "cancelled"))
-        continue
-      if h.trace and out.trace is not None:
-        self._post_trace(h, out.trace, now)
-      h.post(("done", out, now))
-      if self.on_finish is not None:
-        try:
-          self.on_finish(h, out)
-        except Exception:  # noqa: BLE001
-          log.exception("on_finish hook failed")
-    with self._hlock:
-      traced = [h for h in self._handles.values() if h.trace and not h.cancelled]
-    for h in traced:
-      rows = _live_trace(self.core, h.rid)
-      if rows:
-        self._post_trace(h, rows, now)
+      if h.first_token_t is None and out.metrics.get("first_token") is not None:
+        h.first_token_t = out.metrics["first_token"]
+      if not out.finished:
+        if h.cancelled:
+          continue
+        if out.kind is OutputKind.STEP:
+          if out.nfe <= h.trace_sent:
+            continue  # a retry repeats the steps already posted
+          h.trace_sent = out.nfe
+        h.post(out)
+      elif out.kind is OutputKind.ERROR:  # a failed engine step ended it
+        h.strikes += 1
+        if h.cancelled:
+          continue
+        if not self.accepting:
+          h.post(Failure(503, "the request was cancelled", "cancelled"))
+        elif h.strikes >= 2:
+          self._fail(h, "the engine failed while running this request")
+        else:
+          h.retry_since = now
+          with self._hlock:
+            self._retry.append(h)
+      elif out.finish_reason == "abort":
+        if not h.cancelled:
+          h.post(Failure(503, "the request was cancelled", "cancelled"))
+      else:
+        h.post(out)
+        if self.on_finish is not None:
+          try:
+            self.on_finish(h, out)
+          except Exception:  # noqa: BLE001
+            log.exception("on_finish hook failed")
     self._samples.append((now, self.core.stats.committed_tokens))
-
-  @staticmethod
-  def _post_trace(h: Handle, rows: list, now: float) -> None:
-    for k in range(h.trace_sent, len(rows)):
-      h.post(("step", k + 1, list(rows[k]), now))
-    h.trace_sent = max(h.trace_sent, len(rows))
 
   def _fail(self, h: Handle, msg: str) -> None:
     self.requests_failed += 1
-    h.post(("error", 500, msg, "engine_error"))
+    h.post(Failure(500, msg, "engine_error"))
 
   def _step_failed(self, exc: Exception) -> None:
     self.step_errors += 1
     self.last_error = f"{type(exc).__name__}: {exc}"
     log.error("engine step failed: %s", self.last_error, exc_info=exc)
-    _repair_kv_pool(self.core)
-    known = _engine_request_ids(self.core)
-    suspects = _failed_step_requests(self.core)
-    with self._hlock:
-      items = list(self._handles.items())
-    for rid, h in items:
-      if rid not in known:  # finished inside the failed step; its output was lost
-        with self._hlock:
-          self._handles.pop(rid, None)
-        self._fail(h, "the engine failed while finishing this request")
-    for rid in suspects:
-      with self._hlock:
-        h = self._handles.get(rid)
-      if h is not None:
-        h.strikes += 1
-        h.retry_pending = True
-      # Abort every running request: the failed step may have left its cache state half
-      # written. Requests without a handle (not ours) are aborted too, for the same reason.
-      self.llm.abort(rid)
+    # The engine ends every request the failed step may have left half done (the requests of
+    # other callers too) and rebuilds a consumed KV pool; ours are retried from scratch.
+    self._deliver(self.llm.recover(exc))
 
   def _submit_retries(self) -> None:
     with self._hlock:
@@ -404,57 +398,5 @@ def describe(worker) -> dict[str, Any]:
   }
 
 
-# Engine internals the server still needs. Each is one call site, to be replaced by a public
-# engine method.
-
-def _claim_engine(llm, worker: EngineWorker) -> None:
-  # ENGINE-API: marks the LLM as stepped by this worker (llm._server_worker) so that a second
-  # app cannot step the same engine from another thread.
-  other = getattr(llm, "_server_worker", None)
-  if other is not None and other is not worker and other.alive:
-    raise RuntimeError("this LLM is already served by another running app; the engine "
-                       "must be stepped by one thread only")
-  llm._server_worker = worker
-
-
-def _drop_kept_output(llm, request_id: str) -> None:
-  # ENGINE-API: LLM keeps outputs for generate() in llm._outputs; the server never reads them.
-  pending = getattr(llm, "_outputs", None)
-  if isinstance(pending, dict):
-    pending.pop(request_id, None)
-
-
-def _live_trace(core, request_id: str) -> list | None:
-  # ENGINE-API: the trace rows of a running request (core._requests[rid].trace); read in the
-  # engine thread only, between steps.
-  req = core._requests.get(request_id)
-  return req.trace if req is not None else None
-
-
-def _engine_request_ids(core) -> set[str]:
-  # ENGINE-API: ids of the requests the engine still holds (core._requests under core._lock).
-  with core._lock:
-    return set(core._requests)
-
-
-def _failed_step_requests(core) -> list[str]:
-  # ENGINE-API: the requests a failed step ran (core.scheduler.running), or the waiting ones
-  # when it failed before admitting any (core.scheduler.waiting).
-  running = [r.request_id for r in list(core.scheduler.running)]
-  return running or [r.request_id for r in list(core.scheduler.waiting)]
-
-
-def _repair_kv_pool(core) -> None:
-  # ENGINE-API: a step that failed after donating the KV pool leaves it deleted; allocate a new
-  # one (core.cache = shard_cache(init_cache(core.pool_cfg))) as EngineCore.__init__ does. The
-  # requests that used it are aborted and retried from scratch.
-  try:
-    import jax
-
-    from dllm_jax.cache.page_pool import init_cache
-    if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(core.cache)):
-      cache = init_cache(core.pool_cfg)
-      runner = getattr(core, "runner", None)
-      core.cache = runner.shard_cache(cache) if runner is not None else cache
-  except Exception:  # noqa: BLE001
-    log.exception("could not repair the KV pool")
+def _is_prefix(event) -> bool:
+  return isinstance(event, RequestOutput) and event.kind is OutputKind.PREFIX

@@ -3,7 +3,8 @@
 A diffusion request commits its generation left to right in a growing prefix of token ids.
 :class:`TextAssembler` turns the successive prefixes into text deltas that concatenate to the
 final text of the same request, decoding only the new tokens each time (plus the few before
-them since the last clean boundary), never the whole prefix.
+them since the last clean boundary), never the whole prefix. The engine's output processing
+(engine/outputs.py) runs one per request, so ``LLM.generate`` and the server give the same text.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ class TextAssembler:
   end in an incomplete UTF-8 sequence (a trailing U+FFFD that later tokens may complete) and the
   last ``max(len(stop)) - 1`` characters (the possible start of a stop string) are held back.
 
+  ``tokenizer`` None: ids only (``text`` stays empty; ``n_tokens``, ``eos`` and the finish reason
+  still follow the rules above).
+
   Decoding is incremental: ``text`` grows by ``decode(ids[a:]) - decode(ids[a:b])`` where ``b``
   is where the text last grew and ``a`` where it grew the time before (the window gives the
   first new token its left context, e.g. a word-start space), as vLLM does.
@@ -27,6 +31,8 @@ class TextAssembler:
   def __init__(self, tokenizer, eos_ids, *, limit: int | None = None,
                stops: list[str] | None = None):
     self.tok = tokenizer
+    if isinstance(stops, str):
+      stops = [stops]
     self.eos_ids = set(eos_ids)
     self.limit = limit
     self.stops = list(stops or [])
@@ -40,6 +46,7 @@ class TextAssembler:
     self._searched = 0         # text already searched for stop strings
     self.sent = ""
     self.final = False
+    self.stopped = False       # a stop string ended the text
     self.finish_reason: str | None = None
     self.n_tokens = 0
 
@@ -56,6 +63,7 @@ class TextAssembler:
       j = self._find_stop()
       if j is not None and (done or not self._may_stop_before(j)):
         text, done, reason = text[:j], True, "stop"
+        self.stopped = True
         n_tokens = self._tokens_for(j)
     if not done and self.hold:
       text = text[:max(len(self.sent), len(text) - self.hold)]
@@ -71,6 +79,9 @@ class TextAssembler:
     return delta
 
   # Ids and text ---------------------------------------------------------------------------------
+  def _text(self, ids: list[int]) -> str:
+    return self.tok.decode(ids, skip_special_tokens=True)
+
   def _accept(self, ids) -> None:
     n = len(self.ids)
     end = len(ids) if self.limit is None else min(len(ids), self.limit)
@@ -87,15 +98,18 @@ class TextAssembler:
     """Grow ``text`` by the new ids (all of them when ``done``, else up to a clean end)."""
     if self._read == len(self.ids):
       return
-    full = self.tok.decode(self.ids[self._prefix:])
+    if self.tok is None:
+      self._read = len(self.ids)
+      return
+    full = self._text(self.ids[self._prefix:])
     if not done and full.endswith(REPLACEMENT):
       return  # the last token may be completed by the next ones
-    prev = self.tok.decode(self.ids[self._prefix:self._read]) if self._read > self._prefix \
+    prev = self._text(self.ids[self._prefix:self._read]) if self._read > self._prefix \
         else ""
     if full.startswith(prev):
       self.text += full[len(prev):]
     else:  # a tokenizer whose decode is not prefix-stable here: decode the whole once
-      self.text = self.tok.decode(self.ids)
+      self.text = self._text(self.ids)
     self._prefix, self._read = self._read, len(self.ids)
     self._marks.append((self._read, self._prefix, len(self.text)))
 
@@ -122,8 +136,8 @@ class TextAssembler:
     if n_chars <= 0:
       return 0
     read, prefix, length = next(m for m in reversed(self._marks) if m[2] < n_chars)
-    base = len(self.tok.decode(self.ids[prefix:read])) if read > prefix else 0
+    base = len(self._text(self.ids[prefix:read])) if read > prefix else 0
     for k in range(read + 1, len(self.ids) + 1):
-      if length + len(self.tok.decode(self.ids[prefix:k])) - base >= n_chars:
+      if length + len(self._text(self.ids[prefix:k])) - base >= n_chars:
         return k
     return len(self.ids)
