@@ -88,7 +88,7 @@ def _round_up(n: int, multiple: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class MosaicTiles:
   """Static tiling of one call, checked by `mosaic_tiles`."""
-  block_kv: int       # cached tokens per pipeline step (divides S, multiple of 64, <= 256)
+  block_kv: int       # cached tokens per step (multiple of 64, <= 256; divides S or k * S)
   num_stages: int     # K/V SMEM ring slots
   compute_wgs: int    # compute warpgroups per CTA (64 q rows each)
   q_rows: int         # QB padded to a multiple of 64 * compute_wgs
@@ -111,10 +111,11 @@ def mosaic_tiles(q_shape, pool_shape, fresh_shape, dtype, *, block_kv: int | Non
   if page_size % 64:
     raise ValueError(f"page size S={page_size} (pool {tuple(pool_shape)}) must be a multiple "
                      f"of 64 for the Mosaic GPU kernel")
-  block_kv = min(page_size, 128) if block_kv is None else block_kv
-  if block_kv % 64 or not 64 <= block_kv <= 256 or page_size % block_kv:
-    raise ValueError(f"block_kv={block_kv} must be a multiple of 64 in [64, 256] dividing the "
-                     f"page size S={page_size}")
+  if block_kv is None:
+    block_kv = 128 if page_size % 128 == 0 or 128 % page_size == 0 else 64
+  if block_kv % 64 or not 64 <= block_kv <= 256 or (page_size % block_kv and block_kv % page_size):
+    raise ValueError(f"block_kv={block_kv} must be a multiple of 64 in [64, 256] that divides, or "
+                     f"is a multiple of, the page size S={page_size}")
   num_stages = (3 if block_kv == 64 else 2) if num_stages is None else num_stages
   if num_stages < 2:
     raise ValueError(f"num_stages={num_stages} must be >= 2 (double-buffered K/V)")
@@ -191,8 +192,10 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
   (V rows past new_len already zero); new_len [B]; layer [1]; q_rows [B]; out like q."""
   wgs, stages, bk = tiles.compute_wgs, tiles.num_stages, tiles.block_kv
   page_size, head_dim = k_ref.shape[-2:]
-  steps_per_page = page_size // bk
-  max_cached = pt_ref.shape[-1] * page_size
+  max_pages = pt_ref.shape[-1]
+  max_cached = max_pages * page_size
+  piece = min(bk, page_size)                             # rows per TMA: a block within a page,
+  pieces = bk // piece                                   # or whole pages when block_kv > S
   dtype = q_ref.dtype
   qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
   wg = lax.axis_index("wg")
@@ -215,22 +218,33 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
     layer = layer_ref[0]
 
     def issue(t, slot, pool, fresh, smem, bar):
+      """TMA step t into ring slot `slot`: one copy per page piece, `pieces` arrivals in all."""
       @pl.when(t < n_fresh_steps)
       def _fresh():
         last = fresh.shape[2] // FRESH_ROWS - 1           # static bound for static t
         f = min(t, last) if isinstance(t, int) else lax.min(t, last)
         src = fresh.at[b, h, pl.ds(f * FRESH_ROWS, FRESH_ROWS)]
         plgpu.copy_gmem_to_smem(src, block(smem, slot, FRESH_ROWS), bar.at[slot])
+        for _ in range(pieces - 1):
+          plgpu.barrier_arrive(bar.at[slot])
 
       @pl.when(t >= n_fresh_steps)
       def _cached():
-        c = t - n_fresh_steps
-        page = lax.div(c, steps_per_page)
-        rows = pl.ds((c - page * steps_per_page) * bk, bk)
-        pid = pt_ref[b, h, page]
-        src = {"stacked": lambda: pool.at[layer, pid, rows], "shared": lambda: pool.at[pid, rows],
-               "head": lambda: pool.at[h, pid, rows]}[pool_index]()
-        plgpu.copy_gmem_to_smem(src, smem.at[slot], bar.at[slot])
+        first = (t - n_fresh_steps) * bk                  # first token of the step
+        for j in range(pieces):                           # pieces of one page each
+          token = first + j * piece
+          page = lax.div(token, page_size)
+          pid = pt_ref[b, h, lax.min(page, max_pages - 1)]
+          rows = pl.ds(token - page * page_size, piece)
+          src = {"stacked": lambda: pool.at[layer, pid, rows],
+                 "shared": lambda: pool.at[pid, rows], "head": lambda: pool.at[h, pid, rows]}
+          dst = smem.at[slot] if pieces == 1 else smem.at[slot, pl.ds(j * piece, piece)]
+          if j == 0:                                      # step t < n_steps: token 0 is valid
+            plgpu.copy_gmem_to_smem(src[pool_index](), dst, bar.at[slot])
+          else:                                           # pieces past kv_len: arrive only
+            jax.lax.cond(token < n_cached,
+                         lambda: plgpu.copy_gmem_to_smem(src[pool_index](), dst, bar.at[slot]),
+                         lambda: plgpu.barrier_arrive(bar.at[slot]))
 
     issue_k = lambda t, slot: issue(t, slot, k_ref, kn_ref, k_smem, k_bar)
     issue_v = lambda t, slot: issue(t, slot, v_ref, vn_ref, v_smem, v_bar)
@@ -410,6 +424,7 @@ def head_sparse_attention_mosaic_kernel(
             else jnp.asarray(q_rows, jnp.int32))
 
   wgs, stages = tiles.compute_wgs, tiles.num_stages
+  pieces = max(1, tiles.block_kv // k_pages.shape[-2])
   swizzle = () if interpret else (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   swizzled = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=swizzle)
   scratch = (
@@ -417,8 +432,8 @@ def head_sparse_attention_mosaic_kernel(
       swizzled(stages, tiles.block_kv, head_dim),        # K ring
       swizzled(stages, tiles.block_kv, head_dim),        # V ring
       plgpu.Barrier(num_barriers=wgs),                   # q loaded
-      plgpu.Barrier(num_barriers=stages),                # K slot loaded
-      plgpu.Barrier(num_barriers=stages),                # V slot loaded
+      plgpu.Barrier(num_arrivals=pieces, num_barriers=stages),  # K slot loaded
+      plgpu.Barrier(num_arrivals=pieces, num_barriers=stages),  # V slot loaded
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),  # K slot consumed
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),  # V slot consumed
       plgpu.Barrier(num_arrivals=wgs),                   # schedule (ping-pong)
