@@ -16,9 +16,21 @@ import argparse
 from dllm_jax import config as C
 
 SPARSE_OFF = "off"
-_PLAIN = ("max_running", "token_budget", "max_model_len", "scheduler", "logits", "num_pages",
-          "page_size", "memory_budget_bytes", "activation_budget_bytes", "max_block_length",
-          "max_refresh_rows", "max_reuse_rows", "attn_impl", "tp")
+# EngineConfig's integer fields, each with a flag of its own (--max-running, ...): (field, help).
+_INT_FIELDS = (
+    ("max_running", "requests decoded concurrently"),
+    ("token_budget", "tokens fed to the model per step"),
+    ("max_model_len", "cap on prompt + gen_length tokens"),
+    ("num_pages", "KV pool pages per device (overrides the memory budget)"),
+    ("page_size", "tokens per KV page (a power of two)"),
+    ("activation_budget_bytes", "activation peak the logit budgeter plans within"),
+    ("max_block_length", "largest block_length a request may use"),
+    ("max_refresh_rows", "Refresh rows per step (caps the step shapes to compile)"),
+    ("max_reuse_rows", "Reuse rows per step (caps the step shapes to compile)"),
+    ("tp", "tensor-parallel devices per engine"),
+)
+_PLAIN = tuple(f for f, _ in _INT_FIELDS) + ("scheduler", "logits", "attn_impl",
+                                              "memory_budget_bytes")
 _SPARSE = ("keep_ratio", "pool_kernel", "delay")
 
 
@@ -45,35 +57,21 @@ def add_engine_args(parser: argparse.ArgumentParser, *,
   """Add the EngineConfig flags to ``parser``. ``sparse_default``: the default sparse mode of
   requests that do not choose ("off" = dense; a selection mode such as "per_head")."""
   g = parser.add_argument_group("engine (EngineConfig; unset flags keep its defaults)")
-  g.add_argument("--max-running", type=positive_int, help="requests decoded concurrently")
-  g.add_argument("--token-budget", type=positive_int, help="tokens fed to the model per step")
-  g.add_argument("--max-model-len", type=positive_int, help="cap on prompt + gen_length tokens")
+  for field, text in _INT_FIELDS:
+    g.add_argument("--" + field.replace("_", "-"), type=positive_int, help=text)
   g.add_argument("--scheduler", choices=C.SCHEDULERS,
                  help="phase = phase-multiplexed (default), fcfs = token-budget FCFS, "
                       "static = a batch runs to completion before the next is admitted")
   g.add_argument("--logits", choices=C.LOGIT_VARIANTS,
                  help="logit variant: auto = the budgeter's choice (default); full = the "
                       "no-budgeting baseline")
-  g.add_argument("--num-pages", type=positive_int,
-                 help="KV pool pages per device (overrides the memory budget)")
-  g.add_argument("--page-size", type=positive_int, help="tokens per KV page (a power of two)")
   mem = g.add_mutually_exclusive_group()
   mem.add_argument("--memory-budget-mb", type=positive_float,
                    help="weights + KV pool + activation peak per device, MiB")
-  mem.add_argument("--memory-budget-bytes", type=positive_int,
-                   help="the same budget in bytes")
-  g.add_argument("--activation-budget-bytes", type=positive_int,
-                 help="activation peak the logit budgeter plans within")
-  g.add_argument("--max-block-length", type=positive_int,
-                 help="largest block_length a request may use")
-  g.add_argument("--max-refresh-rows", type=positive_int,
-                 help="Refresh rows per step (caps the step shapes to compile)")
-  g.add_argument("--max-reuse-rows", type=positive_int,
-                 help="Reuse rows per step (caps the step shapes to compile)")
+  mem.add_argument("--memory-budget-bytes", type=positive_int, help="the same budget in bytes")
   g.add_argument("--attn-impl", choices=C.KERNEL_IMPLS,
                  help="kernel implementation: auto (default: Pallas on a GPU, jnp elsewhere), "
                       "pallas, reference (jnp), interpret (the kernel on the CPU interpreter)")
-  g.add_argument("--tp", type=positive_int, help="tensor-parallel devices per engine")
   s = parser.add_argument_group("default sparse cache (requests may bring their own)")
   s.add_argument("--sparse", nargs="?", const="per_head", default=sparse_default,
                  metavar="MODE",
@@ -81,10 +79,20 @@ def add_engine_args(parser: argparse.ArgumentParser, *,
                       "(per_head, shared, per_head_adaptive; a bare --sparse means per_head) "
                       f"or '{SPARSE_OFF}' for dense (default: {sparse_default})")
   s.add_argument("--selection", help="selection mode, same as --sparse MODE")
-  s.add_argument("--keep-ratio", type=float, help="fraction of the KV kept per head (0-1)")
-  s.add_argument("--pool-kernel", type=positive_int, help="max-pool width over key scores")
-  s.add_argument("--delay", type=nonneg_int, help="Refresh steps of a block before Select")
+  add_sparse_knobs(s)
   return parser
+
+
+def add_sparse_knobs(parser, defaults: C.SparseConfig | None = None) -> None:
+  """The flags of SparseConfig's knobs (--keep-ratio, --pool-kernel, --delay). ``defaults``: the
+  values they take when not given (None: unset, so SparseConfig's own defaults apply)."""
+  shown = "" if defaults is None else " (default %(default)s)"
+  parser.add_argument("--keep-ratio", type=float, default=defaults and defaults.keep_ratio,
+                      help="fraction of the context kept per KV head, 0-1" + shown)
+  parser.add_argument("--pool-kernel", type=positive_int, default=defaults and defaults.pool_kernel,
+                      help="max-pool width over the key scores before selection" + shown)
+  parser.add_argument("--delay", type=nonneg_int, default=defaults and defaults.delay,
+                      help="Refresh steps of a block before its Select step" + shown)
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides):

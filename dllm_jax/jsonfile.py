@@ -1,4 +1,4 @@
-"""Reading a JSON object file with errors that name the file (config.json, presets, ...)."""
+"""JSON objects with errors that name where they came from (config.json, presets, trace lines)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,21 @@ import os
 from typing import Any
 
 
+def parse_object(text: str, where: str, error: type[ValueError] = ValueError) -> dict[str, Any]:
+  """The JSON object in ``text``; ``error`` naming ``where`` when it is not valid JSON or not an
+  object."""
+  try:
+    d = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise error(f"{where}: not valid JSON ({e})") from None
+  if not isinstance(d, dict):
+    raise error(f"{where}: expected a JSON object, got {type(d).__name__}")
+  return d
+
+
 def read_object(path: str | os.PathLike) -> dict[str, Any]:
-  """The JSON object in ``path``. ValueError naming the file when it is not valid JSON or not an
-  object; FileNotFoundError (from ``open``) when it is missing."""
+  """The JSON object in the file ``path`` (:func:`parse_object`; FileNotFoundError from
+  ``open`` when it is missing)."""
   p = os.fspath(path)
   with open(p) as fh:
-    try:
-      d = json.load(fh)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{p}: not valid JSON ({e})") from None
-  if not isinstance(d, dict):
-    raise ValueError(f"{p}: expected a JSON object")
-  return d
+    return parse_object(fh.read(), p)

@@ -20,6 +20,7 @@ from importlib import resources
 from dllm_jax import jsonfile
 
 SUFFIX = ".json"
+ENGINE_PREFIX = "engine-"  # engine presets (EngineConfig fields); the others are model configs
 _REPO_DIR = "configs"  # the repository's top-level symlink to the package directory
 
 
@@ -35,6 +36,11 @@ def names() -> tuple[str, ...]:
   except OSError:
     return ()
   return tuple(sorted(f[:-len(SUFFIX)] for f in files if f.endswith(SUFFIX)))
+
+
+def model_names() -> tuple[str, ...]:
+  """The model presets (every preset but the ``engine-*`` ones)."""
+  return tuple(n for n in names() if not n.startswith(ENGINE_PREFIX))
 
 
 def preset_path(name: str) -> str:

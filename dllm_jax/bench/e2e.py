@@ -237,13 +237,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                  help="shrink the width (head dim and GQA group kept)")
   w.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                  help="weights and activations (auto: bfloat16 on an accelerator, else float32)")
-  w.add_argument("--batch", type=positive_int, default=32, help="requests B (default 32)")
-  w.add_argument("--prompt-len", type=positive_int, default=192,
-                 help="random prompt tokens per request P (default 192)")
-  w.add_argument("--gen-length", type=positive_int, default=64,
-                 help="generated tokens per request G, one per step (default 64)")
-  w.add_argument("--block-length", type=positive_int, default=32,
-                 help="decoding block length; divides --gen-length (default 32)")
+  for flag, default, text in (("--batch", 32, "requests B"),
+                              ("--prompt-len", 192, "random prompt tokens per request P"),
+                              ("--gen-length", 64, "generated tokens per request G, one per step"),
+                              ("--block-length", 32, "block length; divides --gen-length")):
+    w.add_argument(flag, type=positive_int, default=default, help=f"{text} (default {default})")
   w.add_argument("--seed", type=int, default=0, help="weights and prompts")
   m = p.add_argument_group("modes and measurements")
   m.add_argument("--modes", type=parse_modes, default=list(MODES),

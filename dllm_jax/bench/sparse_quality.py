@@ -27,7 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from dllm_jax.config import LOGIT_VARIANTS, SELECTION_MODES
+from dllm_jax.config import LOGIT_VARIANTS, SELECTION_MODES, SparseConfig
+from dllm_jax.engine_flags import add_sparse_knobs, positive_int
 
 MODES = SELECTION_MODES
 
@@ -106,17 +107,12 @@ def markdown_table(result: dict) -> str:
 
 def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default=None, help="model directory (default: the bundled demo)")
-  p.add_argument("--prompts", type=int, default=6, help="number of held-out prompts")
-  p.add_argument("--prompt-tokens", type=int, default=48, help="tokens per prompt")
-  p.add_argument("--gen-length", type=int, default=32,
-                 help="generated tokens per prompt, all compared (default 32)")
-  p.add_argument("--block-length", type=int, default=16, help="decoding block length (default 16)")
-  p.add_argument("--keep-ratio", type=float, default=0.5,
-                 help="fraction of the context the sparse cache keeps per KV head (default 0.5)")
-  p.add_argument("--delay", type=int, default=1,
-                 help="Refresh steps of a block before its Select step (default 1)")
-  p.add_argument("--pool-kernel", type=int, default=3,
-                 help="max-pool width over the key scores before selection (default 3)")
+  for flag, default, text in (("--prompts", 6, "held-out prompts"),
+                              ("--prompt-tokens", 48, "tokens per prompt"),
+                              ("--gen-length", 32, "generated tokens per prompt, all compared"),
+                              ("--block-length", 16, "decoding block length")):
+    p.add_argument(flag, type=positive_int, default=default, help=f"{text} (default {default})")
+  add_sparse_knobs(p, SparseConfig())
   p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                  help="selection modes to compare with dense decoding (default: all)")
   p.add_argument("--logits", default="rows", choices=LOGIT_VARIANTS,

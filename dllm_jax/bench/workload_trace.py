@@ -12,6 +12,7 @@ import math
 import os
 from typing import Sequence
 
+from dllm_jax import jsonfile
 from dllm_jax.bench.workload_items import WorkItem
 from dllm_jax.config import SAMPLING_FIELDS
 
@@ -56,12 +57,7 @@ def trace(path: str | os.PathLike) -> list[WorkItem]:
 
 
 def _parse_line(line: str, where: str) -> WorkItem:
-  try:
-    d = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise TraceError(f"{where}: not valid JSON ({e.msg})") from None
-  if not isinstance(d, dict):
-    raise TraceError(f"{where}: expected a JSON object, got {type(d).__name__}")
+  d = jsonfile.parse_object(line, where, TraceError)
   unknown = sorted(set(d) - set(TRACE_KEYS))
   if unknown:
     raise TraceError(f"{where}: unknown key {unknown[0]!r} (expected {', '.join(TRACE_KEYS)})")

@@ -143,24 +143,23 @@ def format_table(p: MemoryProfile) -> str:
 
 def add_profile_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
   from dllm_jax import presets
+  from dllm_jax.engine_flags import positive_int
   parser.add_argument("--config", required=True,
-                      help="model preset (" + ", ".join(presets.names()) + "), config.json or "
+                      help="model preset (" + ", ".join(presets.model_names()) + "), config.json or "
                            "model directory")
-  parser.add_argument("--batch", type=int, default=4,
-                      help="Refresh rows at the largest shape (default 4)")
-  parser.add_argument("--seq-len", type=int, default=4096,
-                      help="canvas length (prompt + generation) of those rows (default 4096)")
-  parser.add_argument("--block-length", type=int, default=32,
-                      help="decoding block length: the candidate rows per request (default 32)")
+  for flag, default, text in (("--batch", 4, "Refresh rows at the largest shape"),
+                              ("--seq-len", 4096, "canvas length (prompt + generation) per row"),
+                              ("--block-length", 32, "candidate rows per request (block length)"),
+                              ("--page-size", 64, "tokens per KV page"),
+                              ("--tp", 1, "tensor-parallel devices")):
+    parser.add_argument(flag, type=positive_int, default=default,
+                        help=f"{text} (default {default})")
   parser.add_argument("--device-memory-gb", type=float, default=None,
                       help="per-device memory, GiB (default: read from the GPU; required on CPU)")
   parser.add_argument("--utilization", type=float, default=0.9,
                       help="fraction of device memory the engine may use (default 0.9)")
   parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                       help="weight and activation dtype (default bfloat16)")
-  parser.add_argument("--page-size", type=int, default=64,
-                      help="tokens per KV page (default 64)")
-  parser.add_argument("--tp", type=int, default=1, help="tensor-parallel devices (default 1)")
   parser.add_argument("--logits", choices=LOGIT_VARIANTS, default="auto",
                       help="logit variant: auto = the budgeter's choice (default), full = "
                            "logits for every row (the no-budgeting baseline)")
@@ -194,11 +193,6 @@ def run_profile(args) -> int:
     raise ValueError(f"--device-memory-gb: expected a positive number, got {mem:g}")
   else:
     mem_bytes = int(mem * 2**30)
-  for flag, v in (("--batch", args.batch), ("--seq-len", args.seq_len),
-                  ("--block-length", args.block_length), ("--page-size", args.page_size),
-                  ("--tp", args.tp)):
-    if v < 1:
-      raise ValueError(f"{flag}: expected a positive integer, got {v}")
   p = profile(cfg, batch=args.batch, seq_len=args.seq_len, device_memory_bytes=mem_bytes,
               utilization=args.utilization, dtype=args.dtype, page_size=args.page_size,
               tp=args.tp, block_length=args.block_length, logits=args.logits)

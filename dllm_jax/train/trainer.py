@@ -290,17 +290,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, stream: np.ndarray, out_dir: str,
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
   d = TrainConfig()
   parser.add_argument("--out", required=True, help="run directory (tokenizer, checkpoints, log)")
-  parser.add_argument("--steps", type=int, default=d.steps,
-                      help="optimizer steps (default %(default)s)")
-  parser.add_argument("--batch", type=int, default=d.batch,
-                      help="sequences per step (default %(default)s)")
-  parser.add_argument("--seq-len", type=int, default=d.seq_len,
-                      help="tokens per training sequence (default %(default)s)")
+  for field, text in (("steps", "optimizer steps"), ("batch", "sequences per step"),
+                      ("seq_len", "tokens per training sequence"),
+                      ("seed", "seed of the initialisation, data order and masks"),
+                      ("ckpt_every", "steps between orbax checkpoints")):
+    parser.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(d, field),
+                        help=text + " (default %(default)s)")
   parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-  parser.add_argument("--seed", type=int, default=d.seed,
-                      help="seed of the initialisation, data order and masks (default %(default)s)")
-  parser.add_argument("--ckpt-every", type=int, default=d.ckpt_every,
-                      help="steps between orbax checkpoints (default %(default)s)")
   parser.add_argument("--t-sampling", choices=T_SAMPLINGS, default=d.t_sampling,
                       help="per-sequence mask rates: stratified over the batch, or i.i.d.")
   parser.add_argument("--resume", action="store_true",
