@@ -23,5 +23,9 @@ def read_object(path: str | os.PathLike) -> dict[str, Any]:
   """The JSON object in the file ``path`` (:func:`parse_object`; FileNotFoundError from
   ``open`` when it is missing)."""
   p = os.fspath(path)
-  with open(p) as fh:
-    return parse_object(fh.read(), p)
+  with open(p, encoding="utf-8") as fh:
+    try:
+      text = fh.read()
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{p}: not valid JSON ({e})") from None
+  return parse_object(text, p)

@@ -7,9 +7,10 @@ used: no remote code, no torch.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
+
+from dllm_jax import jsonfile
 
 # End-of-turn token names of the supported families, tried when the config names none:
 # LLaDA <|eot_id|>, Dream (Qwen ChatML) <|im_end|>, the demo model <|eot|>.
@@ -127,13 +128,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
   config: dict = {}
   cfg_path = os.path.join(path, "tokenizer_config.json")
   if os.path.isfile(cfg_path):
-    try:
-      with open(cfg_path, encoding="utf-8") as fh:
-        config = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-      raise ValueError(f"{cfg_path}: expected a JSON object")
+    config = jsonfile.read_object(cfg_path)
   try:
     hf = _fast_tokenizer_class().from_pretrained(path)
   except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad JSON
