@@ -48,7 +48,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means "use Triton"
 ROWS = 64                    # q rows per compute warpgroup (wgmma M)
 FRESH_ROWS = 64              # fresh K/V rows per pipeline step
 SMEM_BYTES = 227 * 1024      # Hopper's per-block shared memory limit
-SMEM_RESERVE = 4 * 1024      # barriers + Mosaic's reduction scratch
+SMEM_RESERVE = 3 * 1024      # barriers + Mosaic's 2 KiB reduction scratch
 MASKED = -1e30               # raw score of a masked key (only used for the row max)
 _API = ("kernel", "wgmma", "copy_gmem_to_smem", "copy_smem_to_gmem", "wait_smem_to_gmem",
         "barrier_wait", "barrier_arrive", "Barrier", "SMEM", "ACC", "Layout", "layout_cast",
@@ -111,25 +111,28 @@ def mosaic_tiles(q_shape, pool_shape, fresh_shape, dtype, *, block_kv: int | Non
   if page_size % 64:
     raise ValueError(f"page size S={page_size} (pool {tuple(pool_shape)}) must be a multiple "
                      f"of 64 for the Mosaic GPU kernel")
-  if block_kv is None:
-    block_kv = 128 if page_size % 128 == 0 or 128 % page_size == 0 else 64
-  if block_kv % 64 or not 64 <= block_kv <= 256 or (page_size % block_kv and block_kv % page_size):
-    raise ValueError(f"block_kv={block_kv} must be a multiple of 64 in [64, 256] that divides, or "
-                     f"is a multiple of, the page size S={page_size}")
-  num_stages = (3 if block_kv == 64 else 2) if num_stages is None else num_stages
-  if num_stages < 2:
-    raise ValueError(f"num_stages={num_stages} must be >= 2 (double-buffered K/V)")
   if num_q_rows < 1:
     raise ValueError(f"q {tuple(q_shape)} has no query rows")
   compute_wgs = 2 if num_q_rows > ROWS else 1
-  itemsize = dtype.itemsize
-  smem = (compute_wgs * ROWS + 2 * num_stages * block_kv) * head_dim * itemsize
-  if smem > SMEM_BYTES - SMEM_RESERVE:
-    raise ValueError(f"block_kv={block_kv} x num_stages={num_stages} needs {smem} bytes of SMEM "
-                     f"(> {SMEM_BYTES - SMEM_RESERVE}); lower block_kv or num_stages")
+  smem = lambda bk, stages: (compute_wgs * ROWS + 2 * stages * bk) * head_dim * dtype.itemsize
+  fits = lambda bk, stages: smem(bk, stages) <= SMEM_BYTES - SMEM_RESERVE
+  if block_kv is None:                                   # 128-token steps unless SMEM forbids
+    block_kv = 128 if (page_size % 128 == 0 or 128 % page_size == 0) and fits(128, 2) else 64
+  if block_kv % 64 or not 64 <= block_kv <= 256 or (page_size % block_kv and block_kv % page_size):
+    raise ValueError(f"block_kv={block_kv} must be a multiple of 64 in [64, 256] that divides, or "
+                     f"is a multiple of, the page size S={page_size}")
+  if num_stages is None:                                 # 3 hides TMA + page-id latency best
+    num_stages = 3 if fits(block_kv, 3) else 2
+  if num_stages < 2:
+    raise ValueError(f"num_stages={num_stages} must be >= 2 (double-buffered K/V)")
+  if not fits(block_kv, num_stages):
+    raise ValueError(f"block_kv={block_kv} x num_stages={num_stages} (D={head_dim}) needs "
+                     f"{smem(block_kv, num_stages)} bytes of SMEM (> "
+                     f"{SMEM_BYTES - SMEM_RESERVE}); lower block_kv or num_stages")
   return MosaicTiles(block_kv=block_kv, num_stages=num_stages, compute_wgs=compute_wgs,
                      q_rows=_round_up(num_q_rows, compute_wgs * ROWS),
-                     fresh_rows=_round_up(fresh_shape[-2], FRESH_ROWS), smem_bytes=smem)
+                     fresh_rows=_round_up(fresh_shape[-2], FRESH_ROWS),
+                     smem_bytes=smem(block_kv, num_stages))
 
 
 def _cdiv(a, b: int):
@@ -217,7 +220,12 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
     plgpu.set_max_registers(40, action="decrease")
     layer = layer_ref[0]
 
-    def issue(t, slot, pool, fresh, smem, bar):
+    def page_ids(t):                                     # clamped: fresh steps read page 0
+      first = (t - n_fresh_steps) * bk
+      pages = [lax.div(lax.max(first + j * piece, 0), page_size) for j in range(pieces)]
+      return [pt_ref[b, h, lax.min(page, max_pages - 1)] for page in pages]
+
+    def issue(t, slot, pids, pool, fresh, smem, bar):
       """TMA step t into ring slot `slot`: one copy per page piece, `pieces` arrivals in all."""
       @pl.when(t < n_fresh_steps)
       def _fresh():
@@ -230,37 +238,33 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
 
       @pl.when(t >= n_fresh_steps)
       def _cached():
-        first = (t - n_fresh_steps) * bk                  # first token of the step
-        for j in range(pieces):                           # pieces of one page each
-          token = first + j * piece
-          page = lax.div(token, page_size)
-          pid = pt_ref[b, h, lax.min(page, max_pages - 1)]
-          rows = pl.ds(token - page * page_size, piece)
+        for j, pid in enumerate(pids):                    # pieces of one page each
+          token = (t - n_fresh_steps) * bk + j * piece
+          rows = pl.ds(token - lax.div(token, page_size) * page_size, piece)
           src = {"stacked": lambda: pool.at[layer, pid, rows],
                  "shared": lambda: pool.at[pid, rows], "head": lambda: pool.at[h, pid, rows]}
           dst = smem.at[slot] if pieces == 1 else smem.at[slot, pl.ds(j * piece, piece)]
           if j == 0:                                      # step t < n_steps: token 0 is valid
             plgpu.copy_gmem_to_smem(src[pool_index](), dst, bar.at[slot])
           else:                                           # pieces past kv_len: arrive only
-            jax.lax.cond(token < n_cached,
-                         lambda: plgpu.copy_gmem_to_smem(src[pool_index](), dst, bar.at[slot]),
-                         lambda: plgpu.barrier_arrive(bar.at[slot]))
+            lax.cond(token < n_cached,
+                     lambda: plgpu.copy_gmem_to_smem(src[pool_index](), dst, bar.at[slot]),
+                     lambda: plgpu.barrier_arrive(bar.at[slot]))
 
-    issue_k = lambda t, slot: issue(t, slot, k_ref, kn_ref, k_smem, k_bar)
-    issue_v = lambda t, slot: issue(t, slot, v_ref, vn_ref, v_smem, v_bar)
+    def issue_kv(t, slot, wait):
+      pids = page_ids(t)                                   # loads overlap the slot waits
+      for pool, fresh, smem, bar, free in ((k_ref, kn_ref, k_smem, k_bar, k_free),
+                                           (v_ref, vn_ref, v_smem, v_bar, v_free)):
+        if wait:
+          plgpu.barrier_wait(free.at[slot])
+        issue(t, slot, pids, pool, fresh, smem, bar)
+
     for i in range(stages):                              # fill the ring
-      @pl.when(i < n_steps)
-      def _prologue():
-        issue_k(i, i)
-        issue_v(i, i)
+      pl.when(i < n_steps)(lambda: issue_kv(i, i, wait=False))
 
     @pl.loop(0, lax.max(n_steps - stages, 0))
     def _refill(s):                                      # step s + stages reuses slot s % stages
-      slot = lax.rem(s, stages)
-      plgpu.barrier_wait(k_free.at[slot])
-      issue_k(s + stages, slot)
-      plgpu.barrier_wait(v_free.at[slot])
-      issue_v(s + stages, slot)
+      issue_kv(s + stages, lax.rem(s, stages), wait=True)
 
     @pl.loop(lax.max(n_steps - stages, 0), n_steps)
     def _drain(s):                                       # observe every phase (cleanliness; the
@@ -270,7 +274,8 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
 
   @pl.when(wg < wgs)
   def _compute_warpgroup():
-    plgpu.set_max_registers(232, action="increase")
+    # jax's pipeline emitter split: 40 for the producer, the rest (<= 256, /8) to compute
+    plgpu.set_max_registers(min(256, (512 - 40) // wgs // 8 * 8), action="increase")
     q_base = qt * (wgs * ROWS) + wg * ROWS
     q_tile = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_base, ROWS)], q_tile, q_bar.at[wg])
