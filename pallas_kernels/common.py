@@ -17,7 +17,7 @@ def triton_params(num_warps: int = 4, num_stages: int = 2) -> pltr.CompilerParam
   """Explicit Triton compiler params.
 
   JAX 0.10 lowers a bare ``pallas_call`` on GPU to Mosaic GPU, JAX 0.11 to Triton; passing these
-  makes a kernel mean the same thing on both (pallas-gpu-notes.md §0).
+  makes a kernel mean the same thing on both.
   """
   return pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 

@@ -1,8 +1,9 @@
 """Independent plain-numpy re-implementation of our decoding semantics (the golden reference).
 
-Written from ``decoding-semantics.md`` §2 (LLaDA ``generate()``), §3.3/3.4 (Fast-dLLM threshold
-and factor rules) and §4 (Dream's timestep schedule and logit shift), with the engine's
-documented choices (SamplingParams docstring, ``dllm_jax.sampling``):
+Written from the reference samplers' semantics: LLaDA's ``generate()`` (ML-GSAI/LLaDA), Fast-dLLM's
+threshold and factor rules (NVlabs/Fast-dLLM) and Dream's ``diffusion_generate`` (timestep schedule
+and logit shift), with the engine's documented choices (SamplingParams docstring,
+``dllm_jax.sampling``):
 
 - canvas = prompt + [mask] * G; one full forward of the canvas per step (``logits_fn``);
 - current block = the first block (of ``block_length``, from the prompt end) still holding a

@@ -1,8 +1,9 @@
 """Tiny random HF Llama / Qwen2 models (torch, test-only) written in the real LLaDA / Dream naming.
 
-HF Llama and Qwen2 called with ``is_causal=False`` are exact oracles for LLaDA and Dream
-(offline-setup-notes.md §1.5). Every weight is randomised, norms and biases included, so a wrong
-mapping cannot hide behind ones and zeros.
+HF Llama and Qwen2 called with ``is_causal=False`` are exact oracles for LLaDA and Dream (their
+remote modeling code, run with tiny random weights, matched them with max |diff| = 0.0). Every
+weight is randomised, norms and biases included, so a wrong mapping cannot hide behind ones and
+zeros.
 """
 
 from __future__ import annotations

@@ -465,9 +465,9 @@ def test_activation_budget_rejects_oversize_refresh(model):
 
 def test_empty_prompt(make_llm):
   """An empty prompt is a valid request (as in generate_static). Sparse with G <= block: no
-  candidates outside the block at all (spec 8.1 #8) -- it must still finish cleanly. (Tokens
-  are not compared with the static path: on an all-mask canvas the confidences of the tiny
-  model tie to 1e-8, so float noise of the batch shape picks the order.)"""
+  candidates outside the block at all (dLLM-Serve never tested it: zero-row kernels) -- it must
+  still finish cleanly. (Tokens are not compared with the static path: on an all-mask canvas the
+  confidences of the tiny model tie to 1e-8, so float noise of the batch shape picks the order.)"""
   sps = [SamplingParams(gen_length=8, block_length=8, stop_on_eos=False),
          SamplingParams(gen_length=8, block_length=4, temperature=1.0, seed=9)]
   llm = make_llm()
@@ -510,7 +510,7 @@ def test_many_mixed_requests_finish_without_leak(make_llm, cases):
 
 def test_step_loop_does_not_retain_results(make_llm, workload):
   """step() hands results to its caller and keeps nothing (the reference's results dict grew
-  without bound, spec 8.1 #12)."""
+  without bound)."""
   prompts, sps, refs = workload
   llm = make_llm()
   outs = run_interleaved(llm, prompts[:4], sps[:4], arrive=[0, 1, 2, 3])

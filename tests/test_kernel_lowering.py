@@ -1,7 +1,8 @@
 """Every head-sparse attention configuration the engine uses lowers to Triton for 'cuda' on CPU.
 
-Runs the Pallas -> Triton-IR lowering only (pallas-gpu-notes.md §7.2 route B), so non-power-of-two
-shapes and unsupported primitives fail here; Triton's own compiler limits only show up on a GPU.
+Runs the Pallas -> Triton-IR lowering only (``jax.jit(f).trace(...).lower(lowering_platforms=
+("cuda",))``, no GPU needed), so non-power-of-two shapes and unsupported primitives fail here;
+Triton's own compiler limits only show up on a GPU.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ ENGINE_CONFIGS = [
     *[(f"dream_S{s}_Ln{ln}_{dt}", dict(batch=2, kv_heads=4, q_rows=query_rows(33, 7), page_size=s,
                                        max_pages=1024 // s, num_fresh=ln, dtype=dt), {})
       for s, ln in ((256, 32), (64, 33)) for dt in ("bfloat16", "float32")],
-    # Dream with the whole 256-row q block per program and 8 warps (the other fast setting, §0)
+    # Dream with the whole 256-row q block per program and 8 warps (the other fast setting on H100)
     ("dream_bq256_w8", dict(batch=2, kv_heads=4, q_rows=256, page_size=256, max_pages=4,
                             num_fresh=32, dtype="bfloat16"), dict(block_q=256, num_warps=8)),
     # odd page-table width and pool size (only loads must be powers of two, not block shapes)

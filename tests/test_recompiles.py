@@ -1,4 +1,4 @@
-"""No recompilation in steady state (DESIGN.md §3: fixed bucketed shapes, every compile counted).
+"""No recompilation in steady state (fixed bucketed shapes, every compile counted).
 
 ``EngineCore.warmup("full")`` compiles every bucket of the configuration's shape grid once
 (dllm_jax/engine/grid.py), exactly ``executable_bound()`` executables; a steady mixed workload

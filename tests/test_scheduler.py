@@ -6,7 +6,7 @@ the reference's FCFS (break at the first misfit), static batching, and admission
 slots and ``max_running``. The adversarial tests run the real engine on a tiny model: one huge
 request (most of the KV pool, nearly the whole token budget) among a stream of small ones, under
 every policy: everything finishes, the huge one within a bounded number of steps (no starvation,
-no livelock: the reference spins forever on an oversize head, spec §4.3).
+no livelock: dLLM-Serve's scheduler returns nothing forever when its queue's head does not fit).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Selection math, page accounting and the sparse state machine vs independent numpy references.
 
-The references below follow dllm-serve-spec.md §3.2 literally (float64 numpy, no code shared with
-dllm_jax.cache.selection): candidates = prefix [0, b) then suffix [b + Lb, N); q_avg = mean of the
-block's queries; ``shared`` = one score per token summed over all query heads (K/V repeat-interleaved
-to the query heads); ``per_head`` = per KV head, max over its GQA group; 1-D max-pool, stride 1,
-padding k//2 acting as -inf, output truncated to K (the window spans the prefix/suffix seam);
-top-k with ties to the lowest position; n_keep = min(max(1, floor(K * ratio)), K).
+The references below follow dLLM-Serve's selection rule literally (float64 numpy, no code shared
+with dllm_jax.cache.selection): candidates = prefix [0, b) then suffix [b + Lb, N); q_avg = mean of
+the block's queries; ``shared`` = one score per token summed over all query heads (K/V
+repeat-interleaved to the query heads); ``per_head`` = per KV head, max over its GQA group; 1-D
+max-pool, stride 1, padding k//2 acting as -inf, output truncated to K (the window spans the
+prefix/suffix seam); top-k with ties to the lowest position; n_keep = min(max(1, floor(K * ratio)),
+K).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def rand_qk(rng, lb, n, hq, hkv, d):
     (100, 0.29, 28),      # 100 * 0.29 = 28.999999999999996 in float64: floor -> 28
     (100, 0.57, 56),      # 56.99999999999999
     (100, 0.58, 57),      # 57.99999999999999
-    (132, 0.5, 66),       # worked example §3.5
+    (132, 0.5, 66),       # the worked example of test_worked_example_max_keep
     (10, 0.0, 1),         # ratio 0 keeps one token
     (0, 0.5, 0),          # no candidates: nothing to keep
     (0, 0.0, 0),
@@ -414,7 +415,8 @@ def test_adaptive_budgets_function_directly():
 
 
 def test_worked_example_max_keep():
-  """§3.5: P=100, G=64, block 32, ratio 0.5 -> K = 132 and n_keep = 66 in both blocks."""
+  """dLLM-Serve's worked example: P=100, G=64, block 32, ratio 0.5 -> K = 132 and n_keep = 66 in
+  both blocks."""
   assert max_keep(164, 100, 64, 32, 0.5) == 66
   for start in (100, 132):
     lb = min(32, 164 - start)

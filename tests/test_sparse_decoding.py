@@ -1,4 +1,4 @@
-"""Sparse decoding end to end on CPU float32 (Refresh -> Select -> Reuse, dllm-serve-spec.md §3).
+"""Sparse decoding end to end on CPU float32 (Refresh -> Select -> Reuse, once per block).
 
 - (a) ``step_forward`` directly: a Reuse of a block over the stored K/V equals the dense Refresh
   rows of the same canvas at keep ratio 1.0 (any layer count, every selection mode; Dream's

@@ -89,7 +89,7 @@ def test_transformers_loads_the_files(tok_dir):
   assert hf.mask_token_id == 2 and hf.eos_token_id == 1 and hf.pad_token_id == 0
   assert hf.chat_template == CHAT_TEMPLATE
   assert "<|eot|>" in hf.all_special_tokens
-  # The raw file also loads with explicit roles (the form in offline-setup-notes.md §3.2).
+  # The raw file also loads with explicit roles (PreTrainedTokenizerFast(tokenizer_file=...)).
   raw = PreTrainedTokenizerFast(tokenizer_file=os.path.join(tok_dir, "tokenizer.json"),
                                 mask_token="<|mask|>", eos_token="<|eos|>", pad_token="<|pad|>")
   assert raw.encode("def f(x):", add_special_tokens=False) == hf.encode("def f(x):")

@@ -1,4 +1,4 @@
-"""The step forward (DESIGN.md §3a): Refresh and Reuse rows through one pass, layers under scan.
+"""The step forward: Refresh and Reuse rows through one pass, layers under scan.
 
 The tokens of one step are packed flat, ``[T]`` (Refresh canvases back to back, then the Reuse
 rows' query tokens, then padding): embeddings, norms, projections and the MLP run on those T

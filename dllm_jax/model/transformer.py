@@ -1,9 +1,9 @@
 """One Flax NNX bidirectional transformer for LLaDA (MHA, no bias) and Dream (GQA, q/k/v bias).
 
-Forward contract (DESIGN.md §3a): the model takes a ``StepBatch`` and returns final hidden states,
-never logits. The LM head is its own parameter, applied by :func:`lm_head_logits` (or by the
-budgeted logit module on candidate rows only). Dream's shifted prediction is applied by the
-caller with :func:`shift_for_prediction`.
+Forward contract (docs/architecture.md): the model takes a ``StepBatch`` and returns final
+hidden states, never logits. The LM head is its own parameter, applied by :func:`lm_head_logits`
+(or by the budgeted logit module on candidate rows only). Dream's shifted prediction is applied
+by the caller with :func:`shift_for_prediction`.
 """
 
 from __future__ import annotations

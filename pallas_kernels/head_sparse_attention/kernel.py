@@ -1,19 +1,21 @@
 """Pallas (Triton-style) head-sparse paged attention kernel for the Reuse phase.
 
 One program per (request b, KV head h, q tile i). It attends to the block's fresh K/V, then walks
-the (b, h) page table in `block_k`-token sub-blocks of a page (scalar page id + `pl.ds` offset,
-pallas-gpu-notes.md §5.8), all inside one f32 online softmax.
+the (b, h) page table in `block_k`-token sub-blocks of a page (a scalar page id read from the
+table plus a `pl.ds` offset into that page), all inside one f32 online softmax.
 
 Pool layouts (ops.py explains when to use which): head-major `[Hkv, P, S, D]`, where the
 BlockSpec hands program (b, h, i) head h's own `[P, S, D]` page space; shared `[P, S, D]`, where
 every program sees the whole page space and (b, h)'s page ids index it directly; and stacked
 `[L, P, S, D]` (the engine's pool, all layers), where the layer index is a traced scalar operand
 and the kernel indexes `pool[layer, page]` itself, so the pool buffer is never sliced or copied
-(a slice of a buffer passed to a custom call is a copy: pallas-gpu-notes.md §0b).
+(a slice of a buffer passed to a custom call is a copy: measured on an H200, it copied the whole
+pool every step).
 
 No argument validation here (ops.py does it), so the lowering tests can feed bad shapes straight in.
-Triton rules this code keeps (notes §4): every loaded/computed array has a power-of-two element
-count, one combined indexer per ref access, `lax.div` instead of `%` on loop indices, 2-D dots.
+Triton rules this code keeps (the Pallas Triton lowering rejects the alternatives): every
+loaded/computed array has a power-of-two element count, one combined indexer per ref access,
+`lax.div` instead of `%` on loop indices, 2-D dots without batch dimensions.
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def head_sparse_attention_kernel(
     k_new, v_new = jnp.pad(k_new, pad), jnp.pad(v_new, pad)
 
   params = triton_params(num_warps=num_warps, num_stages=num_stages)
-  # Without Triton params jax 0.10 silently picks Mosaic GPU on a GPU (notes §8.6).
+  # Without Triton params jax 0.10 silently hands the kernel to Mosaic GPU on a GPU.
   assert isinstance(params, pltr.CompilerParams), params
 
   if stacked:                                            # whole [L, P, S, D] pool, all layers
