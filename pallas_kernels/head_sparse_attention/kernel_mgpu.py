@@ -9,10 +9,10 @@ pallas-gpu-notes.md §0); a Mosaic GPU prototype of the same loop ran 1.6x faste
 One CTA per (q tile, KV head h, request b), grid (QB' / (64 * W), Hkv, B):
 
   * W compute warpgroups (W = 2 when QB > 64, else 1), 64 q rows each (wgmma M = 64);
-  * one memory warpgroup that streams the K/V blocks of (b, h) through a ring of `num_stages`
-    SMEM slots: first the block's fresh K/V (64-row steps), then the cached tokens in `block_kv`
-    steps, each a TMA of rows [off, off + block_kv) of page page_table[b, h, t // S] of the pool
-    (read in place: the stacked [L, P, S, D] pool is indexed by the traced layer, never sliced);
+  * one memory warpgroup streaming the K/V blocks of (b, h) through a ring of `num_stages` SMEM
+    slots: the block's fresh K/V (64-row steps), then the cached tokens in `block_kv` steps, each
+    TMA-loaded by page id (a sub-block of one page, or whole pages when block_kv > S) straight
+    from the pool (the stacked [L, P, S, D] pool is indexed by the traced layer, never sliced);
   * the compute warpgroups run an f32 online softmax (exp2, FlashAttention-3 style ping-pong
     between the two warpgroups via a schedule barrier) and write their 64 rows through SMEM.
 

@@ -1,0 +1,267 @@
+"""The Mosaic GPU head-sparse kernel (kernel_mgpu.py) without a GPU.
+
+1. Lowering for 'cuda' (jax.export) at the engine's shapes: Dream GQA 28:4 on the stacked pool
+   (S 64 and 256, traced layer, q_rows), LLaDA MHA (QB 32: one compute warpgroup), the shared and
+   head-major pools, under both lowering semantics (Lane: jax 0.10's default; Warpgroup: 0.11's,
+   the GPU machine's). This runs Mosaic GPU's whole jax-side lowering down to NVVM (wgmma, TMA,
+   mbarriers) into the custom call `mosaic_gpu_v2`; ptxas and the hardware are left to
+   scripts/gqa_kernel_check.py on a GPU.
+2. Mosaic-specific limits raise ValueError before anything is lowered.
+3. The kernel under jax's Mosaic GPU interpreter (CPU): the same TMA ring, barriers, page
+   addressing and masking, with jnp matmuls in place of wgmma (kernel_mgpu._Interpreted), against
+   the jnp reference, with the dummy page, page tails, unused pages and fresh padding all NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels.head_sparse_attention import kernel_mgpu as km
+from pallas_kernels.head_sparse_attention import pack_queries, query_rows
+from pallas_kernels.head_sparse_attention.reference import head_sparse_attention_reference
+
+MOSAIC_TARGET = "mosaic_gpu_v2"
+sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+
+
+def specs(*, batch=2, kv_heads=4, q_rows=256, head_dim=128, page_size=64, max_pages=16,
+          num_pages=65, layers=3, num_fresh=33, dtype=jnp.bfloat16, layout="stacked"):
+  pool = {"stacked": (layers, num_pages, page_size, head_dim),
+          "shared": (num_pages, page_size, head_dim),
+          "head": (kv_heads, num_pages, page_size, head_dim)}[layout]
+  fresh = sds((batch, kv_heads, num_fresh, head_dim), dtype)
+  return [sds((batch, kv_heads, q_rows, head_dim), dtype), sds(pool, dtype), sds(pool, dtype),
+          sds((batch, kv_heads, max_pages), i32), sds((batch, kv_heads), i32), fresh, fresh,
+          sds((batch,), i32)]
+
+
+def lower(layout="stacked", semantics=None, **spec):
+  """Exported cuda module text of the kernel wrapper (stacked pools get layer and q_rows)."""
+  args = specs(layout=layout, **spec)
+  params = None
+  if semantics is not None:
+    params = km.plgpu.CompilerParams(
+        approx_math=True, lowering_semantics=getattr(km.plgpu.LoweringSemantics, semantics))
+  call = lambda *a, **kw: km.head_sparse_attention_mosaic_kernel(
+      *a, scale=1 / math.sqrt(args[0].shape[-1]), compiler_params=params, **kw)
+  if layout == "stacked":
+    fn = lambda *a: call(*a[:8], layer=a[8], q_rows=a[9])
+    args += [sds((), i32), sds((args[0].shape[0],), i32)]
+  else:
+    fn = call
+  return export.export(jax.jit(fn), platforms=["cuda"])(*args).mlir_module()
+
+
+DREAM_QB = query_rows(33, 7)                                  # 231 rows -> QB 256
+LOWERING_CASES = {
+    "dream_S64": dict(q_rows=DREAM_QB, page_size=64, max_pages=16),
+    "dream_S256": dict(q_rows=DREAM_QB, page_size=256, max_pages=4, num_pages=17, num_fresh=32),
+    "llada_mha_S64": dict(q_rows=query_rows(32, 1), num_fresh=32, kv_heads=8),
+    "dream_shared": dict(layout="shared", q_rows=DREAM_QB),
+    "dream_head_major": dict(layout="head", q_rows=DREAM_QB, page_size=128, max_pages=8),
+    "d64_S128_two_fresh_steps": dict(head_dim=64, num_fresh=70, page_size=128, max_pages=4),
+}
+
+
+@pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
+@pytest.mark.parametrize("case", sorted(LOWERING_CASES))
+def test_lowers_to_a_mosaic_gpu_call(case, semantics):
+  text = lower(semantics=semantics, **LOWERING_CASES[case])
+  assert set(re.findall(r"custom_call @(\w+)\(", text)) == {MOSAIC_TARGET}
+  for op in ("wgmma", "cp.async.bulk.tensor", "mbarrier", "setmaxregister"):  # Hopper paths
+    assert op in text, f"{op} missing from the lowered Mosaic GPU module"
+
+
+def test_stacked_pool_is_passed_whole():
+  """The [L, P, S, D] pool reaches the custom call as is: no slice, gather or copy of a plane."""
+  text = lower(q_rows=DREAM_QB)
+  call = next(line for line in text.splitlines() if f"@{MOSAIC_TARGET}(" in line)
+  operand_types = call.rsplit(" : (", 1)[1]
+  assert operand_types.count("tensor<3x65x64x128xbf16>") == 2          # k and v pools
+  for op in ("dynamic_slice", "gather", "dynamic-slice"):
+    assert op not in text
+
+
+BAD_CONFIGS = [
+    (dict(dtype=jnp.float32), "bf16 or f16"),
+    (dict(head_dim=96), "head dim D=96"),
+    (dict(head_dim=512), "head dim D=512"),
+    (dict(page_size=32), "page size S=32"),
+    (dict(page_size=192, block_kv=128), "block_kv=128"),
+    (dict(block_kv=96), "block_kv=96"),
+    (dict(block_kv=512, page_size=512), "block_kv=512"),
+    (dict(num_stages=1), "num_stages=1"),
+    (dict(block_kv=256, page_size=256, num_stages=3), "bytes of SMEM"),
+    (dict(head_dim=256, block_kv=128, num_stages=2), "bytes of SMEM"),
+]
+
+
+@pytest.mark.parametrize("config,message", BAD_CONFIGS, ids=[m for _, m in BAD_CONFIGS])
+def test_bad_configs_raise_before_lowering(monkeypatch, config, message):
+  knobs = {k: config.pop(k) for k in ("block_kv", "num_stages") if k in config}
+
+  def no_lowering(*args, **kwargs):
+    raise AssertionError("plgpu.kernel reached with a bad configuration")
+
+  monkeypatch.setattr(km.plgpu, "kernel", no_lowering)
+  args = specs(layout="shared", **config)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    jax.eval_shape(lambda *a: km.head_sparse_attention_mosaic_kernel(*a, scale=0.1, **knobs),
+                   *args)
+
+
+def test_validated_entry_rejects_bad_operands():
+  args = specs(layout="shared")
+  args[4] = sds((3, 4), i32)                                    # kv_len batch 3 != 2
+  with pytest.raises(ValueError, match="kv_len"):
+    jax.eval_shape(km.head_sparse_attention_mosaic, *args)
+  good = specs(layout="stacked")
+  out = jax.eval_shape(lambda *a: km.head_sparse_attention_mosaic(*a, layer=jnp.int32(1)), *good)
+  assert out.shape == good[0].shape and out.dtype == good[0].dtype
+
+
+def test_mosaic_unsupported_on_this_cpu_machine():
+  assert not km.mosaic_supported()
+  assert "cpu" in km.mosaic_unsupported_reason()
+
+
+def test_default_tiles():
+  """Dream on 64- or 256-token pages: 128-token steps, a 3-slot ring, two compute warpgroups;
+  the whole configuration fits Hopper's 227 KiB of SMEM."""
+  for page_size in (64, 256):
+    tiles = km.mosaic_tiles((32, 4, DREAM_QB, 128), (28, 100, page_size, 128), (32, 4, 33, 128),
+                            jnp.bfloat16)
+    assert (tiles.block_kv, tiles.num_stages, tiles.compute_wgs) == (128, 3, 2)
+    assert tiles.q_rows == 256 and tiles.fresh_rows == 64
+    assert tiles.smem_bytes <= km.SMEM_BYTES - km.SMEM_RESERVE
+  mha = km.mosaic_tiles((32, 32, 32, 128), (28, 100, 64, 128), (32, 32, 32, 128), jnp.bfloat16)
+  assert (mha.compute_wgs, mha.q_rows) == (1, 64)
+
+
+# ---- the kernel under jax's (private) Mosaic GPU interpreter ------------------------------------
+
+def _interpreter():
+  params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params",
+                               reason="this jax has no Mosaic GPU interpreter")
+  races = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
+  return params, races
+
+
+@pytest.fixture
+def interpreter():
+  params, races = _interpreter()
+  yield params.InterpretGPUParams(detect_races=True), races
+  reset = getattr(races, "reset_gpu_interpret_mode_state", None)
+  if reset is not None:                     # required after a failed run, harmless otherwise
+    reset()
+
+
+def poisoned_inputs(*, kv_len, new_len, num_fresh=33, q_rows=128, head_dim=64, page_size=64,
+                    layers=2, layout="stacked", seed=0):
+  """Random bf16 inputs; every (b, h) owns distinct pages; page 0, rows past kv_len, pages past it
+  and fresh rows past new_len are NaN. Returns (args, layer or None)."""
+  rng = np.random.default_rng(seed)
+  kv_len = np.asarray(kv_len, np.int32)
+  batch, heads = kv_len.shape
+  max_pages = max(1, -(-int(kv_len.max()) // page_size)) + 1
+  num_pages = 1 + batch * heads * max_pages
+  planes = {"stacked": layers, "shared": 1, "head": heads}[layout]   # layers / one / per head
+  shape = (planes, num_pages, page_size, head_dim)
+  k_pages, v_pages = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+  owned = rng.permutation(np.arange(1, num_pages)).reshape(batch, heads, max_pages)
+  table = np.zeros((batch, heads, max_pages), np.int32)
+  for x in (k_pages, v_pages):                                 # ids are distinct in every plane
+    x[:, 0] = np.nan
+    for b in range(batch):
+      for h in range(heads):
+        n = int(kv_len[b, h])
+        used = -(-n // page_size)
+        table[b, h, :used] = owned[b, h, :used]
+        x[:, owned[b, h, used:]] = np.nan                     # owned but past kv_len
+        if n % page_size:
+          x[:, table[b, h, used - 1], n % page_size:] = np.nan
+  if layout == "shared":
+    k_pages, v_pages = k_pages[0], v_pages[0]
+  q = rng.standard_normal((batch, heads, q_rows, head_dim)).astype(np.float32)
+  k_new, v_new = (rng.standard_normal((batch, heads, num_fresh, head_dim)).astype(np.float32)
+                  for _ in range(2))
+  new_len = np.asarray(new_len, np.int32)
+  for b in range(batch):
+    k_new[b, :, new_len[b]:] = v_new[b, :, new_len[b]:] = np.nan
+  bf = lambda x: jnp.asarray(x, jnp.bfloat16)
+  args = (bf(q), bf(k_pages), bf(v_pages), jnp.asarray(table), jnp.asarray(kv_len), bf(k_new),
+          bf(v_new), jnp.asarray(new_len))
+  return args, (jnp.int32(layers - 1) if layout == "stacked" else None)
+
+
+def check_against_reference(interpreter, args, layer, *, q_rows=None, **knobs):
+  params, races = interpreter
+  scale = 1 / math.sqrt(args[0].shape[-1])
+  run = jax.jit(lambda *a: km.head_sparse_attention_mosaic_kernel(
+      *a[:8], layer=a[8], q_rows=a[9], scale=scale, interpret=params, **knobs))
+  out = np.asarray(run(*args, layer, q_rows), np.float32)
+  assert not races.get_races().races_found
+  ref = np.asarray(head_sparse_attention_reference(*args, layer=layer, scale=scale), np.float32)
+  assert not np.isnan(ref).any() and not np.isnan(out).any(), "NaN leaked from a poisoned row"
+  total_rows = args[0].shape[2]
+  tile = km.mosaic_tiles(args[0].shape, args[1].shape, args[5].shape, jnp.bfloat16,
+                         **knobs).compute_wgs * km.ROWS
+  used = np.full(args[0].shape[0], total_rows) if q_rows is None else np.asarray(q_rows)
+  for b, n in enumerate(used):
+    n = min(total_rows, -(-int(n) // tile) * tile)                # whole CTA tiles are computed
+    err = out[b, :, :n] - ref[b, :, :n]
+    assert np.linalg.norm(err) <= 5e-3 * np.linalg.norm(ref[b, :, :n]), (b, np.abs(err).max())
+    assert np.abs(err).max() <= 2e-2
+    assert (out[b, :, n:] == 0).all(), "a q tile wholly past q_rows must be zeros"
+
+
+def test_interpreter_two_warpgroups_multi_page_steps(interpreter):
+  """128 q rows (two compute warpgroups, ping-pong), 64-token pages fetched two per 128-token
+  step; kv_len 100 (partial second page), 50 (second piece skipped), 128 (exact), 0; one
+  request's fresh rows partly valid."""
+  args, layer = poisoned_inputs(kv_len=[[100, 50], [128, 0]], new_len=[20, 33])
+  check_against_reference(interpreter, args, layer, q_rows=jnp.asarray([128, 128], i32))
+
+
+SLOW_CASES = {
+    # two 64-token steps per 128-token page, 3-slot ring; 256 q rows = two CTA tiles, the second
+    # request's second tile wholly past q_rows; one request without fresh rows
+    "S128_bk64_qrows": dict(inputs=dict(kv_len=[[300, 128], [0, 257]], new_len=[0, 33],
+                                        q_rows=256, page_size=128),
+                            q_rows=[256, 100], knobs=dict(block_kv=64)),
+    # shared page space, 70 fresh rows (two fresh steps), two-slot ring
+    "shared_two_fresh_steps": dict(inputs=dict(kv_len=[[65, 1]], new_len=[70], num_fresh=70,
+                                               layout="shared"), knobs=dict(num_stages=2)),
+    # head-major pools, 32 q rows (one compute warpgroup, rows padded to 64), 64-token steps
+    "head_major_one_warpgroup": dict(inputs=dict(kv_len=[[130, 64], [7, 0]], new_len=[32, 0],
+                                                 num_fresh=32, q_rows=32, layout="head"),
+                                     knobs=dict(block_kv=64)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(SLOW_CASES))
+def test_interpreter_matches_reference(interpreter, case):
+  spec = SLOW_CASES[case]
+  args, layer = poisoned_inputs(**spec["inputs"])
+  q_rows = None if "q_rows" not in spec else jnp.asarray(spec["q_rows"], i32)
+  check_against_reference(interpreter, args, layer, q_rows=q_rows, **spec.get("knobs", {}))
+
+
+@pytest.mark.slow
+def test_interpreter_dream_packing(interpreter):
+  """Dream's packing: 33 tokens x 7 query heads per KV head -> 231 used rows of QB 256, D 128."""
+  args, layer = poisoned_inputs(kv_len=[[200]], new_len=[32], num_fresh=32, q_rows=256,
+                                head_dim=128)
+  rng = np.random.default_rng(1)
+  q_model = jnp.asarray(rng.standard_normal((1, 33, 7, 128)), jnp.bfloat16)
+  args = (pack_queries(q_model, 1),) + args[1:]
+  assert args[0].shape == (1, 1, DREAM_QB, 128)
+  check_against_reference(interpreter, args, layer, q_rows=jnp.asarray([33 * 7], i32))
