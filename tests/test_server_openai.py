@@ -128,6 +128,24 @@ def test_stop_string_cuts_text(client):
   assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_server_text_is_generate_text(client):
+  """One text assembly (the engine's) behind the server and ``LLM.generate``: for the same
+  request, with and without a stop string, the same text and finish reason."""
+  from dllm_jax.config import SamplingParams
+  other = make_llm()  # a second engine on the same model: the served one is the server's
+  sp = SamplingParams(gen_length=32, temperature=0.8, seed=7)
+  full = other.generate("A dictionary maps", sp)[0]
+  if len(full.text) < 6:
+    pytest.skip(f"the random model produced too short a text ({full.text!r})")
+  for stop in (None, [full.text[3:5]], [full.text[4:6], full.text[2:3]]):
+    want = other.generate("A dictionary maps", sp, stop=stop)[0]
+    res = client.completions.create(model="tiny", prompt="A dictionary maps", stop=stop, **GEN)
+    assert res.choices[0].text == want.text, stop
+    assert res.choices[0].finish_reason == ("stop" if want.finish_reason in ("eos", "stop")
+                                            else "length")
+    assert (want.finish_reason == "stop") == (stop is not None)
+
+
 def test_max_tokens_not_a_block_multiple(client):
   # 20 tokens in blocks of 16: a 32-token canvas, cut to 20 tokens.
   res = client.completions.create(model="tiny", prompt="The json module", max_tokens=20,

@@ -24,14 +24,16 @@ ignored (``/metrics/`` is ``/metrics``); nothing redirects to a client-supplied 
 Streaming sends the longest left-contiguous committed prefix of the generation as it grows, as
 text deltas (``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``); text is held back while it ends in
 an incomplete UTF-8 sequence or could be the start of a stop string, so the deltas always
-concatenate to the final text of the same request without streaming.
+concatenate to the final text of the same request without streaming. The text (incremental
+detokenising, stop strings, the max_tokens cut) is assembled by the engine itself
+(dllm_jax/engine/outputs.py): ``LLM.generate(..., stop=...)`` gives the same text.
 
 Semantics of the OpenAI parameters (documented choices):
   - ``max_tokens`` -> gen_length. When it is not a multiple of the block length the canvas is
     rounded up to one and the output is cut to ``max_tokens`` tokens. Default: the model's
     generation_config gen_length (else 128).
   - ``stop`` (a string or up to 4) is supported: the text is cut before the first stop string,
-    ``finish_reason`` "stop", and the engine request is aborted at once (pages freed).
+    ``finish_reason`` "stop", and the engine ends the request at once (pages freed).
   - ``n`` must be 1; ``top_p`` 1; penalties 0; no logprobs / echo / best_of / suffix /
     logit_bias: other values are a 400 naming the parameter. ``user`` is accepted and ignored.
   - ``model`` may be omitted; any other name than the served one is a 404 (model_not_found).
@@ -44,8 +46,7 @@ Semantics of the OpenAI parameters (documented choices):
 
 Load: ``max_queue`` requests may wait for a running slot (requests that fit the engine's free
 running slots do not count); beyond that a request gets 429 with ``Retry-After``. A client that
-disconnects (or a stop string that ends a request) aborts the engine request, which frees its
-KV pages at the next step boundary.
+disconnects aborts the engine request, which frees its KV pages at the next step boundary.
 """
 
 from __future__ import annotations
