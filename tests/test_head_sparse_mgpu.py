@@ -265,3 +265,38 @@ def test_interpreter_dream_packing(interpreter):
   args = (pack_queries(q_model, 1),) + args[1:]
   assert args[0].shape == (1, 1, DREAM_QB, 128)
   check_against_reference(interpreter, args, layer, q_rows=jnp.asarray([33 * 7], i32))
+
+
+# ---- scripts/gqa_kernel_check.py on this CPU ---------------------------------------------------
+
+def _check_script():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gqa_kernel_check.py"
+  spec = importlib.util.spec_from_file_location("gqa_kernel_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_check_script_dry_run_lowers_every_timed_kernel(tmp_path):
+  import json
+  script = _check_script()
+  out = tmp_path / "gqa.json"
+  assert script.main(["--dry-run", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["status"] == "pass" and result["dry_run"]
+  lowered = result["lowered"]
+  assert len(lowered) == len(script.PAGE_SIZES) * len(script.KEPT) * len(script.KERNELS)
+  assert all(r["pass"] for r in lowered)
+  assert {c for r in lowered if r["kernel"].startswith("mosaic") for c in r["custom_calls"]} == {
+      MOSAIC_TARGET}
+
+
+def test_check_script_reports_unsupported_machine(tmp_path, capsys):
+  import json
+  out = tmp_path / "gqa.json"
+  assert _check_script().main([str(out)]) == 2
+  assert "cannot run here" in capsys.readouterr().err
+  result = json.loads(out.read_text())
+  assert result["status"] == "unsupported" and "cpu" in result["reason"]
