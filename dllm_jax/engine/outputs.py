@@ -153,9 +153,6 @@ class OutputProcessor:
         cut=bool(asm.stops) or max_tokens is not None, stream=stream, trace=trace,
         on_step=on_step, on_prefix=on_prefix)
 
-  def discard(self, request_id: str) -> None:
-    self._tracks.pop(request_id, None)
-
   def request_ids(self) -> set[str]:
     return set(self._tracks)
 
