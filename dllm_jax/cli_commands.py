@@ -149,22 +149,8 @@ def run_convert(args) -> int:
 
 # commands defined in other modules ------------------------------------------------------------
 
-# Flags of train-demo that its module leaves without help text.
-_TRAIN_HELP = {
-    "steps": "optimizer steps (default %(default)s)",
-    "batch": "sequences per step (default %(default)s)",
-    "seq_len": "tokens per training sequence (default %(default)s)",
-    "seed": "seed of the initialisation, data order and masks (default %(default)s)",
-    "ckpt_every": "steps between orbax checkpoints (default %(default)s)",
-    "config_size": "model size preset (default %(default)s)",
-}
-
-
 def setup_train(p: argparse.ArgumentParser) -> None:
   _use(p, "dllm_jax.train.trainer", "add_train_args", "run_train", cache=False)
-  for action in p._actions:
-    if action.help is None and action.dest in _TRAIN_HELP:
-      action.help = _TRAIN_HELP[action.dest]
 
 
 def setup_profile(p: argparse.ArgumentParser) -> None:

@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from dllm_jax.sampling import calibration as calib
-from dllm_jax.sampling.plan import LogitPlan
+from dllm_jax.sampling.plan import VARIANTS, LogitPlan
 from pallas_kernels.fused_lm_head import ops as kernel_ops
 from pallas_kernels.fused_lm_head import tiles
 
@@ -130,8 +130,8 @@ def estimate_bytes(variant: str, rows: int, d: int, vocab: int, dtype,
   for name, x in (("rows", rows), ("d", d), ("vocab", vocab)):
     if x < 1:
       raise ValueError(f"{name}: must be >= 1, got {x}")
-  if variant not in ("full", "rows", "row_chunked", "vocab_tiled"):
-    raise ValueError(f"variant: expected full|rows|row_chunked|vocab_tiled, got {variant!r}")
+  if variant not in VARIANTS:
+    raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
   f = LOGIT_FACTOR[_backend(backend)]
   b = _itemsize(dtype)
   r = rows

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-CONFIDENCE_IDS = {"low_confidence": 0, "random": 1, "margin": 2, "entropy": 3}
-RULE_IDS = {"fixed": 0, "threshold": 1, "factor": 2}
-SCHEDULE_IDS = {"llada": 0, "dream": 1}
+from dllm_jax.sampling_params import CONFIDENCE_KINDS, RULES, SCHEDULES
+
+# The runtime ids of the options are their positions in the one list of each (config).
+CONFIDENCE_IDS = {k: i for i, k in enumerate(CONFIDENCE_KINDS)}
+RULE_IDS = {k: i for i, k in enumerate(RULES)}
+SCHEDULE_IDS = {k: i for i, k in enumerate(SCHEDULES)}
 
 
 def pick_confidence(kind, prob, rand, margin, entropy):

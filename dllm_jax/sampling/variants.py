@@ -37,9 +37,8 @@ from flax import struct
 
 from pallas_kernels import noise
 from pallas_kernels.fused_lm_head import ops as fused_ops
+from dllm_jax.sampling.plan import VARIANTS
 from pallas_kernels.fused_lm_head.stats import finalize, logits_stats, map_row_chunks
-
-VARIANTS = ("full", "rows", "row_chunked", "vocab_tiled")
 
 
 @struct.dataclass
