@@ -230,7 +230,7 @@ def main(argv=None) -> int:
   p.add_argument("--out", dest="out_flag", help="result JSON (gpu-check passes this)")
   p.add_argument("--dry-run", action="store_true", help="CPU: lower everything for cuda only")
   p.add_argument("--target-tflops", type=float, default=400.0)
-  p.add_argument("--budget-s", type=float, default=75.0,
+  p.add_argument("--budget-s", type=float, default=70.0,
                  help="stop starting new timings after this many seconds")
   args = p.parse_args(argv)
   warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
