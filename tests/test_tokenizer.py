@@ -54,11 +54,10 @@ def test_special_token_ids_and_roles(tok, tok_dir):
   assert tok.vocab_size == 3072
   assert (tok.pad_token_id, tok.eos_token_id, tok.mask_token_id, tok.bos_token_id,
           tok.eot_token_id) == (0, 1, 2, 3, 4)
-  assert tok.hf.mask_token == "<|mask|>" and tok.hf.eos_token == "<|eos|>"
-  assert tok.hf.pad_token == "<|pad|>" and tok.hf.bos_token == "<|bos|>"
   for i, t in enumerate(SPECIAL_TOKENS):
-    assert tok.hf.convert_tokens_to_ids(t) == i
+    assert tok.token_id(t) == i
     assert tok.encode(t) == [i]  # a special token is one id, never split
+  assert tok.token_id("<|no such token|>") is None
   assert tok.decode([2, 1, 4]) == ""
   assert tok.decode([2, 1, 4], skip_special_tokens=False) == "<|mask|><|eos|><|eot|>"
   # No BOS / EOS is added to plain text.
@@ -93,6 +92,39 @@ def test_transformers_loads_the_files(tok_dir):
   raw = PreTrainedTokenizerFast(tokenizer_file=os.path.join(tok_dir, "tokenizer.json"),
                                 mask_token="<|mask|>", eos_token="<|eos|>", pad_token="<|pad|>")
   assert raw.encode("def f(x):", add_special_tokens=False) == hf.encode("def f(x):")
+
+
+def test_same_ids_text_and_chat_as_transformers(tok, tok_dir):
+  """Our tokenizers-based wrapper against transformers' PreTrainedTokenizerFast (the oracle) on
+  the held-out corpus, special tokens, unicode, odd whitespace and chat conversations."""
+  from transformers import PreTrainedTokenizerFast
+  hf = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+  texts = load_corpus("heldout")[:40] + [
+      "", " ", "\n\n\t x", "héllo wörld — ✓ 日本語 🙂", "<|mask|>a<|eos|>b<|eot|>", "  def f(x):  "]
+  for t in texts:
+    for special in (False, True):
+      assert tok.encode(t, add_special_tokens=special) == hf.encode(t, add_special_tokens=special)
+  ids = [i for t in texts for i in hf.encode(t, add_special_tokens=False)] + list(range(12))
+  for skip in (False, True):
+    assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(
+        ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+  assert tok.vocab_size == len(hf)
+  assert (tok.mask_token_id, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == (
+      hf.mask_token_id, hf.eos_token_id, hf.pad_token_id, hf.bos_token_id)
+  for conv in ([{"role": "user", "content": "What is a list?"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "é\n"}]):
+    assert tok.apply_chat_template(conv) == hf.apply_chat_template(
+        conv, tokenize=False, add_generation_prompt=True)
+
+
+def test_plain_encoding_never_imports_transformers(tok_dir):
+  import subprocess
+  import sys
+  code = (f"import sys; from dllm_jax.tokenizer import load_tokenizer; t = load_tokenizer({tok_dir!r}); "
+          "t.decode(t.encode('def f(x):')); print('transformers' in sys.modules)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
 
 
 def test_eot_fallback_by_family_name(tmp_path):

@@ -27,7 +27,7 @@ def token_stream(docs: Sequence[str], tok, *, chat_fraction: float = 0.0,
   docs = list(docs)
   chat = np.random.default_rng(seed).random(len(docs)) < chat_fraction
   if chat.any():
-    user_id, asst_id = (tok.hf.convert_tokens_to_ids(t) for t in ("<|user|>", "<|assistant|>"))
+    user_id, asst_id = (tok.token_id(t) for t in ("<|user|>", "<|assistant|>"))
     if None in (user_id, asst_id, tok.bos_token_id, tok.eot_token_id):
       raise ValueError("chat_fraction > 0 needs bos, eot, <|user|> and <|assistant|> tokens")
   texts, heads = [], []

@@ -65,8 +65,8 @@ def head_sparse_attention_reference(*operands: jax.Array, layer=None, q_rows=Non
   order; shapes as in ops.head_sparse_attention) -> [B, Hkv, QB, D].
 
   Lengths outside [0, MP*S] / [0, Ln] behave as if clamped (the kernel clamps explicitly).
-  With ``q_rows`` [B], requests run one at a time and a request with no query row in use is
-  skipped (zeros): padding rows of a bucket cost nothing on the CPU path.
+  With ``q_rows`` [B], only the requests with a query row in use run, one at a time (the others
+  are zeros): padding rows of a bucket cost nothing on the CPU path.
   """
   q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len = SparseOperands(*operands)
   head_dim = q.shape[-1]
@@ -84,13 +84,15 @@ def head_sparse_attention_reference(*operands: jax.Array, layer=None, q_rows=Non
     k, v, valid = keys(page_table, kv_len, k_new, v_new, new_len)            # [B, Hkv, T]
     return _attend(q.astype(f32), k, v, valid, scale).astype(q.dtype)
 
-  def one(args):
-    qb, pt, kl, kn, vn, nl, used = args
+  # Only the requests in use run (a loop with a traced trip count, over their indices).
+  used = q_rows > 0
+  order = jnp.argsort(~used, stable=True).astype(jnp.int32)
 
-    def run():
-      k, v, valid = keys(pt[None], kl[None], kn[None], vn[None], nl[None])
-      return _attend(qb[None].astype(f32), k, v, valid, scale)[0].astype(q.dtype)
+  def body(i, out):
+    b = order[i]
+    row = lambda x: lax.dynamic_index_in_dim(x, b, keepdims=True)
+    k, v, valid = keys(row(page_table), row(kv_len), row(k_new), row(v_new), row(new_len))
+    o = _attend(row(q).astype(f32), k, v, valid, scale).astype(q.dtype)
+    return lax.dynamic_update_index_in_dim(out, o[0], b, 0)
 
-    return lax.cond(used > 0, run, lambda: jnp.zeros(qb.shape, q.dtype))
-
-  return lax.map(one, (q, page_table, kv_len, k_new, v_new, new_len, q_rows))
+  return lax.fori_loop(0, jnp.sum(used), body, jnp.zeros(q.shape, q.dtype))
