@@ -224,9 +224,10 @@ def check_against_reference(interpreter, args, layer, *, q_rows=None, **knobs):
 
 def test_interpreter_two_warpgroups_multi_page_steps(interpreter):
   """128 q rows (two compute warpgroups, ping-pong), 64-token pages fetched two per 128-token
-  step; kv_len 100 (partial second page) and 50 (second piece past kv_len: arrive only); fresh
-  rows partly valid. (Empty and exact-page heads: the slow cases.)"""
-  args, layer = poisoned_inputs(kv_len=[[100, 50]], new_len=[20])
+  step; kv_len 100 (partial second page) and 50 (second piece past kv_len: arrive only); 32
+  fresh rows (Dream: TMA'd unpadded into a 64-row step), 20 valid. (Empty and exact-page heads,
+  33 fresh rows: the slow cases.)"""
+  args, layer = poisoned_inputs(kv_len=[[100, 50]], new_len=[20], num_fresh=32)
   check_against_reference(interpreter, args, layer, q_rows=jnp.asarray([128], i32))
 
 

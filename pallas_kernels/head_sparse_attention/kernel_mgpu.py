@@ -18,8 +18,8 @@ One CTA per (q tile, KV head h, request b), grid (QB' / (64 * W), Hkv, B):
 
 Ragged lengths cost nothing on full steps: only the fresh steps and the last, partial cached step
 are masked, in loops of their own. Masked keys get p = 0 (not a large negative score, whose
-exp2 under FMA contraction is not exact), and the V rows of the partial step past kv_len are
-zeroed in SMEM (0 * NaN is NaN in wgmma); fresh V rows past new_len are zeroed by the wrapper.
+exp2 under FMA contraction is not exact), and their V rows (past new_len / kv_len, or stale
+SMEM) are zeroed in SMEM (0 * NaN is NaN in wgmma). For Dream the wrapper copies nothing.
 Page 0 and table entries past kv_len are never read. A row with no valid key has l == 0 -> zeros.
 
 Differences from the Triton kernel: bf16/f16 only (wgmma would run f32 as tf32); D a multiple of
@@ -46,7 +46,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means "use Triton"
   _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 ROWS = 64                    # q rows per compute warpgroup (wgmma M)
-FRESH_ROWS = 64              # fresh K/V rows per pipeline step
+FRESH_ROWS = 64              # fresh K/V rows per pipeline step (wgmma K >= 64)
 SMEM_BYTES = 227 * 1024      # Hopper's per-block shared memory limit
 SMEM_RESERVE = 3 * 1024      # barriers + Mosaic's 2 KiB reduction scratch
 MASKED = -1e30               # raw score of a masked key (only used for the row max)
@@ -92,7 +92,8 @@ class MosaicTiles:
   num_stages: int     # K/V SMEM ring slots
   compute_wgs: int    # compute warpgroups per CTA (64 q rows each)
   q_rows: int         # QB padded to a multiple of 64 * compute_wgs
-  fresh_rows: int     # Ln padded to a multiple of FRESH_ROWS
+  fresh_copy: int     # fresh rows per TMA: Ln if Ln <= 64 is a multiple of 8 (no pad), else 64
+  fresh_rows: int     # rows of the fresh arrays the kernel reads (Ln, or Ln padded to 64k)
   smem_bytes: int
 
 
@@ -129,9 +130,11 @@ def mosaic_tiles(q_shape, pool_shape, fresh_shape, dtype, *, block_kv: int | Non
     raise ValueError(f"block_kv={block_kv} x num_stages={num_stages} (D={head_dim}) needs "
                      f"{smem(block_kv, num_stages)} bytes of SMEM (> "
                      f"{SMEM_BYTES - SMEM_RESERVE}); lower block_kv or num_stages")
+  num_fresh = fresh_shape[-2]
+  fresh_copy = num_fresh if 0 < num_fresh <= FRESH_ROWS and num_fresh % 8 == 0 else FRESH_ROWS
   return MosaicTiles(block_kv=block_kv, num_stages=num_stages, compute_wgs=compute_wgs,
                      q_rows=_round_up(num_q_rows, compute_wgs * ROWS),
-                     fresh_rows=_round_up(fresh_shape[-2], FRESH_ROWS),
+                     fresh_copy=fresh_copy, fresh_rows=_round_up(num_fresh, fresh_copy),
                      smem_bytes=smem(block_kv, num_stages))
 
 
@@ -229,10 +232,11 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
       """TMA step t into ring slot `slot`: one copy per page piece, `pieces` arrivals in all."""
       @pl.when(t < n_fresh_steps)
       def _fresh():
-        last = fresh.shape[2] // FRESH_ROWS - 1           # static bound for static t
+        fc = tiles.fresh_copy                             # < 64: rows fc.. of the step are
+        last = fresh.shape[2] // fc - 1                   # stale (masked, V zeroed)
         f = min(t, last) if isinstance(t, int) else lax.min(t, last)
-        src = fresh.at[b, h, pl.ds(f * FRESH_ROWS, FRESH_ROWS)]
-        plgpu.copy_gmem_to_smem(src, block(smem, slot, FRESH_ROWS), bar.at[slot])
+        src = fresh.at[b, h, pl.ds(f * fc, fc)]
+        plgpu.copy_gmem_to_smem(src, block(smem, slot, fc), bar.at[slot])
         for _ in range(pieces - 1):
           plgpu.barrier_arrive(bar.at[slot])
 
@@ -287,13 +291,13 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
         plgpu.barrier_arrive(sched_bar)
         plgpu.barrier_wait(sched_bar)
 
-    def zero_v_rows(slot, limit, key0):
-      """Zero this partial step's V rows >= limit in SMEM. Warpgroup 0 writes, the other waits:
+    def zero_v_rows(slot, limit, key0, chunks):
+      """Zero V rows >= limit of a masked step in SMEM. Warpgroup 0 writes, the other waits:
       a two-way sync here would deadlock against the ping-pong, where warpgroup 1 runs ahead and
       waits for warpgroup 0's next QK; warpgroup 0 reaches this point before that QK."""
       @pl.when(wg == 0)
       def _zero():
-        for chunk in range(bk // 64):
+        for chunk in range(chunks):                       # 64-row windows (WGMMA layout)
           ref = v_smem.at[slot, pl.ds(chunk * 64, 64)]
           x = ref[...]
           row = mma.iota(x.shape, 0) + (key0 + chunk * 64)
@@ -311,7 +315,7 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
       slot = lax.rem(t, stages)
       if zero_v:                                         # V before anything else (see schedule)
         plgpu.barrier_wait(v_bar.at[slot])
-        zero_v_rows(slot, *mask)
+        zero_v_rows(slot, *mask, chunks=rows // 64)
 
       s = mma.qk(q_tile, block(k_smem, slot, rows), then=schedule)
       plgpu.barrier_arrive(k_free.at[slot])
@@ -346,7 +350,7 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
       return acc, m_new, l
 
     def fresh_step(t, carry):
-      return step(t, carry, rows=FRESH_ROWS, mask=(n_new, t * FRESH_ROWS))
+      return step(t, carry, rows=FRESH_ROWS, mask=(n_new, t * FRESH_ROWS), zero_v=True)
 
     def full_step(t, carry):
       return step(t, carry, rows=bk)
@@ -402,8 +406,8 @@ def head_sparse_attention_mosaic_kernel(
   q [B, Hkv, QB, D]; pools [P, S, D] (shared), [Hkv, P, S, D] (head-major) or [L, P, S, D] with
   ``layer`` (stacked, read in place); page_table [B, Hkv, MP]; kv_len [B, Hkv]; k_new, v_new
   [B, Hkv, Ln, D]; new_len [B]; q_rows [B] (optional) -> [B, Hkv, QB, D] in q's dtype.
-  Pads q rows to a multiple of 64 * compute warpgroups and the fresh rows to a multiple of 64
-  (zeroing V rows past new_len) here; the pool is passed whole. ``interpret`` (True, or an
+  Pads q rows to a multiple of 64 * compute warpgroups, and the fresh rows to a multiple of 64
+  unless Ln <= 64 is a multiple of 8 (Dream: 32, no copy); the pool is passed whole. ``interpret`` (True, or an
   InterpretGPUParams) runs it in jax's private CPU Mosaic GPU interpreter with jnp matmuls (see
   _Interpreted; tests only).
   """
@@ -417,12 +421,10 @@ def head_sparse_attention_mosaic_kernel(
 
   if tiles.q_rows != num_q_rows:
     q = jnp.pad(q, ((0, 0), (0, 0), (0, tiles.q_rows - num_q_rows), (0, 0)))
-  fresh_pad = ((0, 0), (0, 0), (0, tiles.fresh_rows - num_fresh), (0, 0))
-  fresh_valid = (jnp.arange(tiles.fresh_rows)[None, :]
-                 < jnp.clip(new_len, 0, num_fresh)[:, None])[:, None, :, None]
-  k_new = jnp.pad(k_new, fresh_pad)
-  v_new = jnp.where(fresh_valid, jnp.pad(v_new, fresh_pad), 0).astype(q.dtype)  # NaN-safe PV
-  if tiles.fresh_rows == 0:               # no fresh rows at all: a dummy block never read
+  if tiles.fresh_rows != num_fresh:
+    pad = ((0, 0), (0, 0), (0, tiles.fresh_rows - num_fresh), (0, 0))
+    k_new, v_new = jnp.pad(k_new, pad), jnp.pad(v_new, pad)
+  if num_fresh == 0:                      # no fresh rows at all: a dummy block never read
     k_new = v_new = jnp.zeros((batch, num_kv_heads, FRESH_ROWS, head_dim), q.dtype)
   layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32).reshape(1)
   q_rows = (jnp.full((batch,), num_q_rows, jnp.int32) if q_rows is None
