@@ -20,7 +20,7 @@ Ragged lengths cost nothing on full steps: only the fresh steps and the last, pa
 are masked, in loops of their own. Masked keys get p = 0 (not a large negative score, whose
 exp2 under FMA contraction is not exact), and their V rows (past new_len / kv_len, or stale
 SMEM) are zeroed in SMEM (0 * NaN is NaN in wgmma). For Dream the wrapper copies nothing.
-Page 0 and table entries past kv_len are never read. A row with no valid key has l == 0 -> zeros.
+Pages past kv_len (page 0 included) are never loaded. A row with no valid key has l == 0 -> 0.
 
 Differences from the Triton kernel: bf16/f16 only (wgmma would run f32 as tf32); D a multiple of
 64 up to 256; S and block_kv multiples of 64; the q_rows skip works per CTA tile of 64 * W rows.
