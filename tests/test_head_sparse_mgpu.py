@@ -26,6 +26,7 @@ from jax import export
 from pallas_kernels.head_sparse_attention import kernel_mgpu as km
 from pallas_kernels.head_sparse_attention import pack_queries, query_rows
 from pallas_kernels.head_sparse_attention.reference import head_sparse_attention_reference
+from pallas_kernels.impls import KERNEL_IMPLS
 
 MOSAIC_TARGET = "mosaic_gpu_v2"
 sds, i32 = jax.ShapeDtypeStruct, jnp.int32
@@ -119,14 +120,25 @@ def test_bad_configs_raise_before_lowering(monkeypatch, config, message):
                    *args)
 
 
-def test_validated_entry_rejects_bad_operands():
-  args = specs(layout="shared")
-  args[4] = sds((3, 4), i32)                                    # kv_len batch 3 != 2
+@pytest.mark.skipif("mosaic" not in KERNEL_IMPLS,
+                    reason="ops.py has no impl='mosaic' dispatch yet (the gqa task's report)")
+def test_ops_dispatch():
+  """ops.head_sparse_attention(impl="mosaic"): its own argument checks, then the Mosaic limits,
+  both before lowering; lowers to the Mosaic custom call; "auto" off a GPU is the reference."""
+  from pallas_kernels.head_sparse_attention import ops
+  op = lambda impl: lambda *a: ops.head_sparse_attention(*a, impl=impl)
+  bad = specs(layout="shared")
+  bad[4] = sds((3, 4), i32)                                     # kv_len batch 3 != 2
   with pytest.raises(ValueError, match="kv_len"):
-    jax.eval_shape(km.head_sparse_attention_mosaic, *args)
-  good = specs(layout="stacked")
-  out = jax.eval_shape(lambda *a: km.head_sparse_attention_mosaic(*a, layer=jnp.int32(1)), *good)
-  assert out.shape == good[0].shape and out.dtype == good[0].dtype
+    jax.eval_shape(op("mosaic"), *bad)
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    jax.eval_shape(op("mosaic"), *specs(layout="shared", dtype=jnp.float32))
+  args = specs(q_rows=DREAM_QB, num_fresh=32) + [sds((), i32), sds((2,), i32)]
+  targets = {}
+  for impl in ("mosaic", "auto"):
+    text = jax.jit(op(impl)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    targets[impl] = set(re.findall(r"custom_call @(\w+)\(", text))
+  assert targets == {"mosaic": {MOSAIC_TARGET}, "auto": set()}
 
 
 def test_mosaic_unsupported_on_this_cpu_machine():

@@ -400,8 +400,8 @@ def head_sparse_attention_mosaic_kernel(
     compiler_params=None,
     interpret=False,
 ) -> jax.Array:
-  """plgpu.kernel wrapper; operands as ops.head_sparse_attention (the caller validates shapes and
-  dtypes, e.g. ops._validate); the Mosaic-specific limits raise ValueError here, before lowering.
+  """plgpu.kernel wrapper; operands as ops.head_sparse_attention, which validates shapes and dtypes
+  (impl="mosaic"); the Mosaic-specific limits raise ValueError here, before lowering.
 
   q [B, Hkv, QB, D]; pools [P, S, D] (shared), [Hkv, P, S, D] (head-major) or [L, P, S, D] with
   ``layer`` (stacked, read in place); page_table [B, Hkv, MP]; kv_len [B, Hkv]; k_new, v_new
@@ -468,15 +468,3 @@ def _interpret_params(interpret):
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # private, 0.10+
   return InterpretGPUParams()
 
-
-def head_sparse_attention_mosaic(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len,
-                                 layer=None, q_rows=None, *, scale: float | None = None,
-                                 block_kv: int | None = None, num_stages: int | None = None):
-  """Validated entry point (ops.py's checks, then the Mosaic ones); same arguments as
-  ops.head_sparse_attention. Jit it yourself (the knobs are static)."""
-  from pallas_kernels.head_sparse_attention import ops  # lazy: ops may dispatch to this module
-  ops._validate(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len, layer, q_rows)
-  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-  return head_sparse_attention_mosaic_kernel(
-      q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len, scale=scale, layer=layer,
-      q_rows=q_rows, block_kv=block_kv, num_stages=num_stages)
