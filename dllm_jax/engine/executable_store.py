@@ -7,11 +7,14 @@ under a key computed without tracing: a digest of everything the compiled progra
 the source of ``dllm_jax`` and ``pallas_kernels``, the jax / jaxlib versions, the devices, the
 parameter / pool / input shapes, dtypes and shardings, and the bucket's static description.
 
+Only executables XLA compiled in this process are stored: one JAX loaded from its own persistent
+cache does not re-serialize into a runnable program on XLA:CPU ("Function ... not found" when
+run), so such a compile is not saved (:func:`compile_fresh` tells the two apart).
+
 It is on exactly when JAX's persistent cache is (the CLI and the server turn that on by default;
 ``LLM(compile_cache=...)`` or ``dllm_jax.compile_cache.enable()`` in a notebook): the files live
-in ``<jax cache dir>/dllm-jax-executables``. A file that cannot be read or loaded is ignored and
-replaced (a stale or corrupt entry costs one compile, never a wrong program: the key covers the
-code).
+in ``<jax cache dir>/dllm-jax-executables``. A file that cannot be read or loaded is deleted (a stale or corrupt
+entry costs one compile, never a wrong program: the key covers the code).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+import threading
 
 import jax
 
@@ -35,7 +39,9 @@ def store_dir() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-  """Digest of every Python source file of the two packages (a code change is a new key)."""
+  """Digest of every Python source file of the two packages (a code change is a new key).
+  Taken when this module is imported, i.e. when the engine's code is loaded, so later edits on
+  disk cannot key a running process's programs as new code."""
   import dllm_jax
   import pallas_kernels
 
@@ -79,7 +85,11 @@ def load(directory: str, key: str):
     return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
   except FileNotFoundError:
     return None
-  except Exception:  # a corrupt or incompatible entry: compile again and overwrite it
+  except Exception:  # a corrupt or incompatible entry: drop it and compile again
+    try:
+      os.remove(path)
+    except OSError:
+      pass
     return None
 
 
@@ -96,3 +106,30 @@ def save(directory: str, key: str, compiled) -> None:
     os.replace(tmp, os.path.join(directory, f"step-{key}.bin"))
   except Exception:
     pass
+
+
+# JAX reports a persistent-cache hit through its monitoring events, in the compiling thread.
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_compiling = threading.local()
+
+
+def _on_event(event: str, **_) -> None:
+  if event == _HIT_EVENT:
+    _compiling.hit = True
+
+
+@functools.lru_cache(maxsize=1)
+def _listen() -> None:
+  import jax.monitoring
+  jax.monitoring.register_event_listener(_on_event)
+
+
+def compile_fresh(compile_fn):
+  """(compile_fn(), whether XLA compiled it here rather than JAX loading it from its cache)."""
+  _listen()
+  _compiling.hit = False
+  compiled = compile_fn()
+  return compiled, not _compiling.hit
+
+
+code_fingerprint()  # at import: the code this process runs

@@ -114,8 +114,9 @@ class Runner:
       digest = directory and executable_store.key_of(key, self.params, cache, inputs)
       exe = directory and executable_store.load(directory, digest)
       if not exe:
-        exe = self.jitted(static, inputs).lower(self.params, cache, inputs).compile()
-        if directory:
+        exe, fresh = executable_store.compile_fresh(
+            lambda: self.jitted(static, inputs).lower(self.params, cache, inputs).compile())
+        if directory and fresh:
           executable_store.save(directory, digest, exe)
       with self._lock:
         exe = self.executables.setdefault(key, exe)
