@@ -8,7 +8,6 @@ values actually in effect. ``--show-steps`` prints every denoising step as it ha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -16,13 +15,12 @@ import sys
 from importlib import resources
 
 from dllm_jax import config as C
-from dllm_jax import presets
+from dllm_jax import jsonfile, presets
+from dllm_jax.config import SAMPLING_FIELDS
 from dllm_jax.cli import CLIError
 from dllm_jax.engine_flags import nonneg_int, positive_int
 
 MASK_PLACEHOLDER = "_"
-SAMPLING_FIELDS = ("gen_length", "steps", "block_length", "temperature", "confidence", "rule",
-                   "threshold", "factor", "schedule", "seed", "stop_on_eos")
 _ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
 
 
@@ -101,16 +99,7 @@ def model_dir(args) -> str:
 def generation_defaults(path: str) -> dict:
   """The model's generation_config.json ({} if it has none)."""
   f = os.path.join(path, "generation_config.json")
-  if not os.path.isfile(f):
-    return {}
-  try:
-    with open(f) as fh:
-      d = json.load(fh)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{f}: not valid JSON ({e})") from None
-  if not isinstance(d, dict):
-    raise ValueError(f"{f}: expected a JSON object")
-  return d
+  return jsonfile.read_object(f) if os.path.isfile(f) else {}
 
 
 def sampling_params(args, defaults: dict):

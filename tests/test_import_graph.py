@@ -62,9 +62,6 @@ KNOWN_DEFERRED_CYCLES = {
         "blocks",
     frozenset({"dllm_jax.model.loader", "dllm_jax.model.checkpoint"}):
         "load_model reads orbax directories too; checkpoint builds models with the loader",
-    frozenset({"dllm_jax.bench.driver", "dllm_jax.bench.ablation"}):
-        "bench serve --model PRESET still takes build_model from ablation (it lives in "
-        "bench/random_model.py now); goes when driver imports it from there",
 }
 
 

@@ -293,18 +293,20 @@ def run_http(url: str, items: Sequence[W.WorkItem], *, model: str | None = None,
 
 def add_args(p: argparse.ArgumentParser) -> None:
   """Flags of ``dllm-jax bench serve``."""
-  p.add_argument("--workload", choices=W.WORKLOADS, default="livebench-like")
+  p.add_argument("--workload", choices=W.WORKLOADS, default="livebench-like",
+                 help="arrival pattern and request mix (default livebench-like)")
   p.add_argument("--model", default=None,
                  help="model directory (default: the bundled demo), or a model preset such as "
                       "'bench-small' (the ablation model): its architecture with random weights")
   p.add_argument("--requests", type=int, default=32, help="number of requests (default 32)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the workload's arrivals and prompts (default 0)")
   p.add_argument("--out", default=None, help="write the result JSON here")
   p.add_argument("--url", default=None,
                  help="benchmark an OpenAI-compatible server at URL instead of the engine")
   g = p.add_argument_group("workload")
   g.add_argument("--rate", type=float, default=2.0, help="req/s (poisson, livebench-like)")
-  g.add_argument("--burst-size", type=int, default=8)
+  g.add_argument("--burst-size", type=int, default=8, help="requests per burst (burst)")
   g.add_argument("--period", type=float, default=10.0, help="s (burst, osc)")
   g.add_argument("--spread", type=float, default=0.0, help="s a burst is spread over")
   g.add_argument("--low-rate", type=float, default=0.5, help="req/s (osc)")
@@ -315,13 +317,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--max-prompt-tokens", type=int, default=None,
                  help="clip prompt lengths (default: the model's length minus gen length)")
   g.add_argument("--gen-length", type=int, default=None, help="override every gen length")
-  g.add_argument("--block-length", type=int, default=None)
-  g.add_argument("--steps", type=int, default=None)
-  g.add_argument("--temperature", type=float, default=None)
+  g.add_argument("--block-length", type=int, default=None,
+                 help="override every request's block length")
+  g.add_argument("--steps", type=int, default=None, help="override every request's steps")
+  g.add_argument("--temperature", type=float, default=None,
+                 help="override every request's temperature")
   g.add_argument("--warmup", choices=("none", "quick", "full"), default="quick",
                  help="untimed compile before the run: quick = generate two of the requests, "
                       "full = every bucket (slow on CPU)")
-  g.add_argument("--no-progress", action="store_true")
+  g.add_argument("--no-progress", action="store_true", help="no progress bar")
   add_engine_args(p, sparse_default="per_head")
 
 
@@ -396,8 +400,8 @@ def run(args) -> int:
     from dllm_jax.engine.engine import LLM
     model = args.model
     if model is not None and presets.is_preset(model):
-      from dllm_jax.bench import ablation
-      model = ablation.build_model(presets.model_config(model))
+      from dllm_jax.bench.random_model import build_model
+      model = build_model(presets.model_config(model))
     llm = LLM(model, engine_config=engine_config_from_args(args))
     source = (W.TextSource(tokenizer=llm.tokenizer) if llm.tokenizer is not None
               else W.TokenSource.for_model(llm.cfg))

@@ -14,13 +14,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable
 
 import numpy as np
 
+from dllm_jax import jsonfile
 from dllm_jax.config import EngineConfig, SamplingParams, SparseConfig
 from dllm_jax.engine.core import EngineCore, StepResult
 from dllm_jax.engine.outputs import (GenerationOutput, OutputKind, OutputProcessor,
@@ -73,8 +73,7 @@ class LLM:
     if generation_config is None and path:
       gc = os.path.join(path, "generation_config.json")
       if os.path.isfile(gc):
-        with open(gc) as fh:
-          generation_config = json.load(fh)
+        generation_config = jsonfile.read_object(gc)
     self.generation_config = dict(generation_config or {})
     self.logit_plan = logit_plan or LogitPlan()
     self.engine_config = engine_config or EngineConfig()

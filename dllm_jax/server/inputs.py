@@ -9,14 +9,12 @@ import re
 
 from pydantic import ValidationError
 
-from dllm_jax.config import SamplingParams, SparseConfig
+from dllm_jax.config import SAMPLING_FIELDS, SamplingParams, SparseConfig
 from dllm_jax.server import protocol as P
 from dllm_jax.server.errors import APIError, validation_error
 from dllm_jax.server.state import ServerState
 
 _DEFAULT_BLOCK = SamplingParams(gen_length=1 << 12).block_length
-SAMPLING_FIELDS = ("gen_length", "steps", "block_length", "temperature", "confidence", "rule",
-                   "threshold", "factor", "schedule", "seed", "stop_on_eos")
 
 
 # The body ----------------------------------------------------------------------------------------
