@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from typing import Callable
 
 import numpy as np
 
@@ -36,7 +35,6 @@ class Request:
   params: SamplingParams
   sparse: SparseConfig | None
   mask_id: int
-  callback: Callable | None = None
   prompt: str | None = None
   arrival: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -51,7 +49,6 @@ class Request:
   finish_time: float | None = None
   finish_reason: str | None = None
   error: str | None = None
-  streamed: int = 0          # committed prefix length already reported
   trace: list | None = None  # generated positions after every step, when requested
 
   def __post_init__(self):
