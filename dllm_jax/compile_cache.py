@@ -45,6 +45,17 @@ def default_dir() -> str:
   return os.path.join(os.path.abspath(base), "dllm-jax", "jax")
 
 
+def _make_dir(path: str | None) -> str | None:
+  """The cache directory (``path`` or :func:`default_dir`), created readable by its owner only;
+  None when it cannot be created."""
+  target = os.path.abspath(os.path.expanduser(path)) if path else default_dir()
+  try:
+    os.makedirs(target, mode=0o700, exist_ok=True)
+  except OSError:
+    return None
+  return target
+
+
 def enable(path: str | None = None) -> str | None:
   """Turn JAX's persistent compilation cache on at ``path`` (default :func:`default_dir`).
 
@@ -58,10 +69,8 @@ def enable(path: str | None = None) -> str | None:
   current = jax.config.jax_compilation_cache_dir
   if current:
     return current
-  target = os.path.abspath(os.path.expanduser(path)) if path else default_dir()
-  try:
-    os.makedirs(target, mode=0o700, exist_ok=True)
-  except OSError:
+  target = _make_dir(path)
+  if target is None:
     return None
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor
@@ -79,10 +88,8 @@ def enable_for_process(path: str | None = None) -> str | None:
   current = os.environ.get("JAX_COMPILATION_CACHE_DIR")
   if current:
     return current
-  target = os.path.abspath(os.path.expanduser(path)) if path else default_dir()
-  try:
-    os.makedirs(target, mode=0o700, exist_ok=True)
-  except OSError:
+  target = _make_dir(path)
+  if target is None:
     return None
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
