@@ -225,8 +225,9 @@ def check_against_reference(interpreter, args, layer, *, q_rows=None, **knobs):
   ref = np.asarray(head_sparse_attention_reference(*args, layer=layer, scale=scale), np.float32)
   assert not np.isnan(ref).any() and not np.isnan(out).any(), "NaN leaked from a poisoned row"
   total_rows = args[0].shape[2]
+  tile_knobs = {k: v for k, v in knobs.items() if k in ("block_kv", "num_stages")}
   tile = km.mosaic_tiles(args[0].shape, args[1].shape, args[5].shape, jnp.bfloat16,
-                         **knobs).compute_wgs * km.ROWS
+                         **tile_knobs).compute_wgs * km.ROWS
   used = np.full(args[0].shape[0], total_rows) if q_rows is None else np.asarray(q_rows)
   for b, n in enumerate(used):
     n = min(total_rows, -(-int(n) // tile) * tile)                # whole CTA tiles are computed
@@ -237,20 +238,21 @@ def check_against_reference(interpreter, args, layer, *, q_rows=None, **knobs):
 
 
 def test_interpreter_two_warpgroups_multi_page_steps(interpreter):
-  """128 q rows (two compute warpgroups, ping-pong), 64-token pages fetched two per 128-token
+  """One persistent CTA runs both items (the K/V ring and its barrier phases carry over).
+  128 q rows (two compute warpgroups, ping-pong), 64-token pages fetched two per 128-token
   step; kv_len 100 (partial second page) and 50 (second piece past kv_len: arrive only); 32
   fresh rows (Dream: TMA'd unpadded into a 64-row step), 20 valid. (Empty and exact-page heads,
   33 fresh rows: the slow cases.)"""
   args, layer = poisoned_inputs(kv_len=[[100, 50]], new_len=[20], num_fresh=32)
-  check_against_reference(interpreter, args, layer, q_rows=jnp.asarray([128], i32))
+  check_against_reference(interpreter, args, layer, q_rows=jnp.asarray([128], i32), num_ctas=1)
 
 
 SLOW_CASES = {
-    # two 64-token steps per 128-token page, 3-slot ring; 256 q rows = two CTA tiles, the second
-    # request's second tile wholly past q_rows; one request without fresh rows
+    # two 64-token steps per 128-token page, 3-slot ring; 256 q rows = two q tiles, the second
+    # request's second tile wholly past q_rows; one request without fresh rows; 8 items on 3 CTAs
     "S128_bk64_qrows": dict(inputs=dict(kv_len=[[300, 128], [0, 257]], new_len=[0, 33],
                                         q_rows=256, page_size=128),
-                            q_rows=[256, 100], knobs=dict(block_kv=64)),
+                            q_rows=[256, 100], knobs=dict(block_kv=64, num_ctas=3)),
     # shared page space, 70 fresh rows (two fresh steps), two-slot ring
     "shared_two_fresh_steps": dict(inputs=dict(kv_len=[[65, 1]], new_len=[70], num_fresh=70,
                                                layout="shared"), knobs=dict(num_stages=2)),

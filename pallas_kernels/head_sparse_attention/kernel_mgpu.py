@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -189,31 +190,49 @@ class _Interpreted:
   tile = rows = staticmethod(lambda x: x)
 
 
+class _Item(NamedTuple):
+  """One work item: q tile qt of (request b, KV head h) and its step counts."""
+  qt: jax.Array
+  h: jax.Array
+  b: jax.Array
+  n_new: jax.Array           # valid fresh rows
+  n_cached: jax.Array        # valid cached tokens
+  n_fresh: jax.Array         # fresh steps (64 rows each)
+  n_full: jax.Array          # unmasked cached steps
+  n_steps: jax.Array         # all steps (fresh, full, then at most one partial)
+
+
 def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref, layer_ref,
             q_rows_ref, o_ref, q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free,
             sched_bar, vmask_bar, *, tiles: MosaicTiles, scale: float, pool_index: str,
-            num_fresh: int, interpret: bool):
+            num_fresh: int, num_ctas: int, interpret: bool):
   """Refs: q [B, Hkv, QB', D]; pools (see pool_index: 'stacked' [L, P, S, D], 'shared' [P, S, D],
-  'head' [Hkv, P, S, D]); page table [B, Hkv, MP]; kv_len [B, Hkv]; fresh k/v [B, Hkv, F, D]
-  (V rows past new_len already zero); new_len [B]; layer [1]; q_rows [B]; out like q."""
+  'head' [Hkv, P, S, D]); page table [B, Hkv, MP]; kv_len [B, Hkv]; fresh k/v [B, Hkv, F, D];
+  new_len [B]; layer [1]; q_rows [B]; out like q. CTA c runs items c, c + num_ctas, ...; the
+  step counter t runs on across items, so the K/V ring (slots, barrier phases) never drains."""
   wgs, stages, bk = tiles.compute_wgs, tiles.num_stages, tiles.block_kv
   page_size, head_dim = k_ref.shape[-2:]
   max_pages = pt_ref.shape[-1]
-  max_cached = max_pages * page_size
   piece = min(bk, page_size)                             # rows per TMA: a block within a page,
   pieces = bk // piece                                   # or whole pages when block_kv > S
   dtype = q_ref.dtype
-  qt, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
-  wg = lax.axis_index("wg")
+  q_tiles, heads = q_ref.shape[2] // (wgs * ROWS), q_ref.shape[1]
+  num_items = q_tiles * heads * q_ref.shape[0]
+  cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+  my_items = _cdiv(num_items - cta, num_ctas)            # the grid never exceeds num_items
   mma = _Interpreted() if interpret else _Hopper()
 
-  # Step counts (same in every warpgroup). A tile wholly past q_rows streams nothing -> zeros.
-  used = qt * (wgs * ROWS) < q_rows_ref[b]
-  n_new = lax.min(lax.max(new_len_ref[b], 0), num_fresh)
-  n_cached = lax.min(lax.max(kv_len_ref[b, h], 0), max_cached)
-  n_fresh_steps = jnp.where(used, _cdiv(n_new, FRESH_ROWS), 0)
-  n_full = jnp.where(used, lax.div(n_cached, bk), 0)
-  n_steps = n_fresh_steps + jnp.where(used, _cdiv(n_cached, bk), 0)
+  def item(j) -> _Item:                                  # q tiles of one (b, h) are neighbours
+    i = cta + j * num_ctas
+    qt, hb = lax.rem(i, q_tiles), lax.div(i, q_tiles)
+    h, b = lax.rem(hb, heads), lax.div(hb, heads)
+    used = qt * (wgs * ROWS) < q_rows_ref[b]             # else: streams nothing, writes zeros
+    n_new = lax.min(lax.max(new_len_ref[b], 0), num_fresh)
+    n_cached = lax.min(lax.max(kv_len_ref[b, h], 0), max_pages * page_size)
+    n_fresh = jnp.where(used, _cdiv(n_new, FRESH_ROWS), 0)
+    n_full = jnp.where(used, lax.div(n_cached, bk), 0)
+    n_steps = n_fresh + jnp.where(used, _cdiv(n_cached, bk), 0)
+    return _Item(qt, h, b, n_new, n_cached, n_fresh, n_full, n_steps)
 
   def block(smem, slot, rows):
     return smem.at[slot] if rows == bk else smem.at[slot, pl.ds(0, rows)]
@@ -223,67 +242,62 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
     plgpu.set_max_registers(40, action="decrease")
     layer = layer_ref[0]
 
-    def page_ids(t):                                     # clamped: fresh steps read page 0
-      first = (t - n_fresh_steps) * bk
+    def page_ids(it, s):                                 # clamped: fresh steps read page 0
+      first = (s - it.n_fresh) * bk
       pages = [lax.div(lax.max(first + j * piece, 0), page_size) for j in range(pieces)]
-      return [pt_ref[b, h, lax.min(page, max_pages - 1)] for page in pages]
+      return [pt_ref[it.b, it.h, lax.min(page, max_pages - 1)] for page in pages]
 
-    def issue(t, slot, pids, pool, fresh, smem, bar):
-      """TMA step t into ring slot `slot`: one copy per page piece, `pieces` arrivals in all."""
-      @pl.when(t < n_fresh_steps)
+    def issue(it, s, slot, pids, pool, fresh, smem, bar):
+      """TMA step s of `it` into ring slot `slot`: one copy per page piece, `pieces` arrivals."""
+      @pl.when(s < it.n_fresh)
       def _fresh():
         fc = tiles.fresh_copy                             # < 64: rows fc.. of the step are
-        last = fresh.shape[2] // fc - 1                   # stale (masked, V zeroed)
-        f = min(t, last) if isinstance(t, int) else lax.min(t, last)
-        src = fresh.at[b, h, pl.ds(f * fc, fc)]
+        f = lax.min(s, fresh.shape[2] // fc - 1)          # stale (masked, V zeroed)
+        src = fresh.at[it.b, it.h, pl.ds(f * fc, fc)]
         plgpu.copy_gmem_to_smem(src, block(smem, slot, fc), bar.at[slot])
         for _ in range(pieces - 1):
           plgpu.barrier_arrive(bar.at[slot])
 
-      @pl.when(t >= n_fresh_steps)
+      @pl.when(s >= it.n_fresh)
       def _cached():
         for j, pid in enumerate(pids):                    # pieces of one page each
-          token = (t - n_fresh_steps) * bk + j * piece
+          token = (s - it.n_fresh) * bk + j * piece
           rows = pl.ds(token - lax.div(token, page_size) * page_size, piece)
           src = {"stacked": lambda: pool.at[layer, pid, rows],
-                 "shared": lambda: pool.at[pid, rows], "head": lambda: pool.at[h, pid, rows]}
+                 "shared": lambda: pool.at[pid, rows], "head": lambda: pool.at[it.h, pid, rows]}
           dst = smem.at[slot] if pieces == 1 else smem.at[slot, pl.ds(j * piece, piece)]
-          if j == 0:                                      # step t < n_steps: token 0 is valid
+          if j == 0:                                      # step s < n_steps: token 0 is valid
             plgpu.copy_gmem_to_smem(src[pool_index](), dst, bar.at[slot])
           else:                                           # pieces past kv_len: arrive only
-            lax.cond(token < n_cached,
+            lax.cond(token < it.n_cached,
                      lambda: plgpu.copy_gmem_to_smem(src[pool_index](), dst, bar.at[slot]),
                      lambda: plgpu.barrier_arrive(bar.at[slot]))
 
-    def issue_kv(t, slot, wait):
-      pids = page_ids(t)                                   # loads overlap the slot waits
-      for pool, fresh, smem, bar, free in ((k_ref, kn_ref, k_smem, k_bar, k_free),
-                                           (v_ref, vn_ref, v_smem, v_bar, v_free)):
-        if wait:
-          plgpu.barrier_wait(free.at[slot])
-        issue(t, slot, pids, pool, fresh, smem, bar)
+    def stream(j, t0):
+      it = item(j)
 
-    for i in range(stages):                              # fill the ring
-      pl.when(i < n_steps)(lambda: issue_kv(i, i, wait=False))
+      @pl.loop(0, it.n_steps)
+      def _step(s):
+        t, slot = t0 + s, lax.rem(t0 + s, stages)
+        pids = page_ids(it, s)                           # loads overlap the slot waits
+        for pool, fresh, smem, bar, free in ((k_ref, kn_ref, k_smem, k_bar, k_free),
+                                             (v_ref, vn_ref, v_smem, v_bar, v_free)):
+          pl.when(t >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))  # step t - stages
+          issue(it, s, slot, pids, pool, fresh, smem, bar)
+      return t0 + it.n_steps
 
-    @pl.loop(0, lax.max(n_steps - stages, 0))
-    def _refill(s):                                      # step s + stages reuses slot s % stages
-      issue_kv(s + stages, lax.rem(s, stages), wait=True)
+    total = lax.fori_loop(0, my_items, stream, jnp.int32(0))
 
-    @pl.loop(lax.max(n_steps - stages, 0), n_steps)
-    def _drain(s):                                       # observe every phase (cleanliness; the
-      slot = lax.rem(s, stages)                          # interpreter checks it), costs nothing
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
+    @pl.loop(lax.max(total - stages, 0), total)
+    def _drain(t):                                       # observe every phase (cleanliness; the
+      plgpu.barrier_wait(k_free.at[lax.rem(t, stages)])  # interpreter checks it), costs nothing
+      plgpu.barrier_wait(v_free.at[lax.rem(t, stages)])
 
   @pl.when(wg < wgs)
   def _compute_warpgroup():
     # jax's pipeline emitter split: 40 for the producer, the rest (<= 256, /8) to compute
     plgpu.set_max_registers(min(256, (512 - 40) // wgs // 8 * 8), action="increase")
-    q_base = qt * (wgs * ROWS) + wg * ROWS
     q_tile = q_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(q_base, ROWS)], q_tile, q_bar.at[wg])
-    plgpu.barrier_wait(q_bar.at[wg])
     c = scale * math.log2(math.e)                       # softmax in base 2
 
     def schedule():                                     # ping-pong the two warpgroups
@@ -309,24 +323,23 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
       if wgs > 1:
         pl.when(wg != 0)(lambda: plgpu.barrier_wait(vmask_bar))
 
-    def step(t, carry, *, rows, mask=None, zero_v=False):
-      """One K/V block: t global step; mask (limit, first key index) masks keys >= limit."""
+    def step(s, carry, *, it, t0, rows, mask=None, zero_v=False):
+      """Step s of item `it` (global step t0 + s); mask (limit, first key) masks keys >= limit."""
       acc, m, l = carry
-      slot = lax.rem(t, stages)
+      slot = lax.rem(t0 + s, stages)
       if zero_v:                                         # V before anything else (see schedule)
         plgpu.barrier_wait(v_bar.at[slot])
         zero_v_rows(slot, *mask, chunks=rows // 64)
 
-      s = mma.qk(q_tile, block(k_smem, slot, rows), then=schedule)
+      s_ = mma.qk(q_tile, block(k_smem, slot, rows), then=schedule)
       plgpu.barrier_arrive(k_free.at[slot])
       if mask is not None:
         limit, key0 = mask
-        key = mma.iota(s.shape, 1) + key0
-        valid = key < limit
-        s = jnp.where(valid, s, MASKED)
-      m_new = jnp.maximum(m, s.max(axis=1) * c)
+        valid = mma.iota(s_.shape, 1) + key0 < limit
+        s_ = jnp.where(valid, s_, MASKED)
+      m_new = jnp.maximum(m, s_.max(axis=1) * c)
       alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+      p = jnp.exp2(s_ * c - lax.broadcast_in_dim(m_new, s_.shape, [0]))
       if mask is not None:
         p = jnp.where(valid, p, 0.0)                     # exact zeros for masked keys
       acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
@@ -341,44 +354,49 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
         plgpu.barrier_wait(sched_bar)
 
       def wait_next_k():                                 # runs under the PV wgmma
-        @pl.when(t + 1 < n_steps)
+        @pl.when(s + 1 < it.n_steps)
         def _():
-          plgpu.barrier_wait(k_bar.at[lax.rem(t + 1, stages)])
+          plgpu.barrier_wait(k_bar.at[lax.rem(t0 + s + 1, stages)])
 
       acc = mma.pv(acc, p16, block(v_smem, slot, rows), then=wait_next_k)
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_new, l
 
-    def fresh_step(t, carry):
-      return step(t, carry, rows=FRESH_ROWS, mask=(n_new, t * FRESH_ROWS), zero_v=True)
+    def attend(j, t0):
+      it = item(j)
+      q_base = it.qt * (wgs * ROWS) + wg * ROWS
+      plgpu.copy_gmem_to_smem(q_ref.at[it.b, it.h, pl.ds(q_base, ROWS)], q_tile, q_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+      fresh_step = lambda s, carry: step(s, carry, it=it, t0=t0, rows=FRESH_ROWS,
+                                         mask=(it.n_new, s * FRESH_ROWS), zero_v=True)
+      full_step = lambda s, carry: step(s, carry, it=it, t0=t0, rows=bk)
+      partial_step = lambda s, carry: step(s, carry, it=it, t0=t0, rows=bk, zero_v=True,
+                                           mask=(it.n_cached, (s - it.n_fresh) * bk))
+      carry = (mma.tile(jnp.zeros((ROWS, head_dim), jnp.float32)),
+               mma.rows(jnp.full((ROWS,), -jnp.inf, jnp.float32)),
+               mma.rows(jnp.zeros((ROWS,), jnp.float32)))
 
-    def full_step(t, carry):
-      return step(t, carry, rows=bk)
+      @pl.when(it.n_steps > 0)
+      def _():
+        plgpu.barrier_wait(k_bar.at[lax.rem(t0, stages)])
 
-    def partial_step(t, carry):
-      return step(t, carry, rows=bk, mask=(n_cached, (t - n_fresh_steps) * bk), zero_v=True)
+      if wgs > 1:
+        pl.when(wg == 1)(schedule)
+      carry = lax.fori_loop(0, it.n_fresh, fresh_step, carry)
+      carry = lax.fori_loop(it.n_fresh, it.n_fresh + it.n_full, full_step, carry)
+      carry = lax.fori_loop(it.n_fresh + it.n_full, it.n_steps, partial_step, carry)
+      if wgs > 1:
+        pl.when(wg == 0)(schedule)
 
-    carry = (mma.tile(jnp.zeros((ROWS, head_dim), jnp.float32)),
-             mma.rows(jnp.full((ROWS,), -jnp.inf, jnp.float32)),
-             mma.rows(jnp.zeros((ROWS,), jnp.float32)))
+      acc, _, l = carry
+      inv = jnp.where(l > 0, 1.0 / l, 0.0)             # no valid key -> zeros
+      q_tile[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_tile, o_ref.at[it.b, it.h, pl.ds(q_base, ROWS)])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # q_tile is the next item's q buffer
+      return t0 + it.n_steps
 
-    @pl.when(n_steps > 0)
-    def _():
-      plgpu.barrier_wait(k_bar.at[0])
-
-    if wgs > 1:
-      pl.when(wg == 1)(schedule)
-    carry = lax.fori_loop(0, n_fresh_steps, fresh_step, carry)
-    carry = lax.fori_loop(n_fresh_steps, n_fresh_steps + n_full, full_step, carry)
-    carry = lax.fori_loop(n_fresh_steps + n_full, n_steps, partial_step, carry)
-    if wgs > 1:
-      pl.when(wg == 0)(schedule)
-
-    acc, _, l = carry
-    inv = jnp.where(l > 0, 1.0 / l, 0.0)               # no valid key -> zeros
-    q_tile[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, h, pl.ds(q_base, ROWS)])
+    lax.fori_loop(0, my_items, attend, jnp.int32(0))
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -397,6 +415,7 @@ def head_sparse_attention_mosaic_kernel(
     q_rows: jax.Array | None = None,
     block_kv: int | None = None,
     num_stages: int | None = None,
+    num_ctas: int | None = None,
     compiler_params=None,
     interpret=False,
 ) -> jax.Array:
@@ -446,20 +465,30 @@ def head_sparse_attention_mosaic_kernel(
       plgpu.Barrier(num_arrivals=wgs),                   # schedule (ping-pong)
       plgpu.Barrier(),                                   # partial-step V rows zeroed
   )
+  num_items = tiles.q_rows // (wgs * ROWS) * num_kv_heads * batch
+  if num_ctas is None:                                   # persistent: one CTA per SM
+    num_ctas = 2 if interpret else _sm_count()
   body = lambda *refs: _kernel(*refs, tiles=tiles, scale=float(scale), pool_index=pool_index,
-                               num_fresh=num_fresh, interpret=bool(interpret))
+                               num_fresh=num_fresh, num_ctas=min(num_ctas, num_items),
+                               interpret=bool(interpret))
   out = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=scratch,
-      grid=(tiles.q_rows // (wgs * ROWS), num_kv_heads, batch),
-      grid_names=("q", "h", "b"),
+      grid=(min(num_ctas, num_items),),
+      grid_names=("cta",),
       num_threads=wgs + 1,
       thread_name="wg",
       compiler_params=compiler_params or plgpu.CompilerParams(approx_math=True),
       **({"interpret": _interpret_params(interpret)} if interpret else {}),
   )(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len, layer, q_rows)
   return out[:, :, :num_q_rows] if tiles.q_rows != num_q_rows else out
+
+
+def _sm_count() -> int:
+  """SMs of the default GPU (132 on an H100/H200 SXM, also the figure used off a GPU)."""
+  device = jax.devices()[0]
+  return int(getattr(device, "core_count", 0) or 132) if device.platform == "gpu" else 132
 
 
 def _interpret_params(interpret):
