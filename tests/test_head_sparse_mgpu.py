@@ -15,7 +15,10 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -160,21 +163,11 @@ def test_default_tiles():
 
 
 # ---- the kernel under jax's (private) Mosaic GPU interpreter ------------------------------------
+# Each case runs in a child process with a time limit: a barrier-protocol bug deadlocks the
+# simulated kernel (it hangs, it does not fail), and must fail the test, not hang the suite.
 
-def _interpreter():
-  params = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params",
-                               reason="this jax has no Mosaic GPU interpreter")
-  races = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call")
-  return params, races
-
-
-@pytest.fixture
-def interpreter():
-  params, races = _interpreter()
-  yield params.InterpretGPUParams(detect_races=True), races
-  reset = getattr(races, "reset_gpu_interpret_mode_state", None)
-  if reset is not None:                     # required after a failed run, harmless otherwise
-    reset()
+INTERPRETER = "jax._src.pallas.mosaic_gpu.interpret"
+DEADLOCK_S = 600
 
 
 def poisoned_inputs(*, kv_len, new_len, num_fresh=33, q_rows=128, head_dim=64, page_size=64,
@@ -215,8 +208,13 @@ def poisoned_inputs(*, kv_len, new_len, num_fresh=33, q_rows=128, head_dim=64, p
   return args, (jnp.int32(layers - 1) if layout == "stacked" else None)
 
 
-def check_against_reference(interpreter, args, layer, *, q_rows=None, **knobs):
-  params, races = interpreter
+def check_against_reference(args, layer, *, q_rows=None, **knobs):
+  """The kernel (interpreted, race detector on) vs the reference; whole CTA tiles are computed,
+  tiles wholly past q_rows must be zeros."""
+  import importlib
+  params = importlib.import_module(f"{INTERPRETER}.params")
+  races = importlib.import_module(f"{INTERPRETER}.interpret_pallas_call")
+  params = params.InterpretGPUParams(detect_races=True)
   scale = 1 / math.sqrt(args[0].shape[-1])
   run = jax.jit(lambda *a: km.head_sparse_attention_mosaic_kernel(
       *a[:8], layer=a[8], q_rows=a[9], scale=scale, interpret=params, **knobs))
@@ -237,17 +235,13 @@ def check_against_reference(interpreter, args, layer, *, q_rows=None, **knobs):
     assert (out[b, :, n:] == 0).all(), "a q tile wholly past q_rows must be zeros"
 
 
-def test_interpreter_two_warpgroups_multi_page_steps(interpreter):
-  """One persistent CTA runs both items (the K/V ring and its barrier phases carry over).
-  128 q rows (two compute warpgroups, ping-pong), 64-token pages fetched two per 128-token
-  step; kv_len 100 (partial second page) and 50 (second piece past kv_len: arrive only); 32
-  fresh rows (Dream: TMA'd unpadded into a 64-row step), 20 valid. (Empty and exact-page heads,
-  33 fresh rows: the slow cases.)"""
-  args, layer = poisoned_inputs(kv_len=[[100, 50]], new_len=[20], num_fresh=32)
-  check_against_reference(interpreter, args, layer, q_rows=jnp.asarray([128], i32), num_ctas=1)
-
-
-SLOW_CASES = {
+INTERPRETER_CASES = {
+    # One persistent CTA runs both items (the K/V ring and its barrier phases carry over); 128 q
+    # rows (two compute warpgroups, ping-pong); 64-token pages fetched two per 128-token step;
+    # kv_len 100 (partial second page) and 50 (second piece past kv_len: arrive only); 32 fresh
+    # rows (Dream: TMA'd unpadded into a 64-row step), 20 valid.
+    "persistent_two_items": dict(inputs=dict(kv_len=[[100, 50]], new_len=[20], num_fresh=32),
+                                 q_rows=[128], knobs=dict(num_ctas=1)),
     # two 64-token steps per 128-token page, 3-slot ring; 256 q rows = two q tiles, the second
     # request's second tile wholly past q_rows; one request without fresh rows; 8 items on 3 CTAs
     "S128_bk64_qrows": dict(inputs=dict(kv_len=[[300, 128], [0, 257]], new_len=[0, 33],
@@ -260,28 +254,37 @@ SLOW_CASES = {
     "head_major_one_warpgroup": dict(inputs=dict(kv_len=[[130, 64], [7, 0]], new_len=[32, 0],
                                                  num_fresh=32, q_rows=32, layout="head"),
                                      knobs=dict(block_kv=64)),
+    # Dream's packing: 33 tokens x 7 query heads of one KV head -> 231 used rows of QB 256, D 128
+    "dream_packing": dict(inputs=dict(kv_len=[[200]], new_len=[32], num_fresh=32, q_rows=256,
+                                      head_dim=128), q_rows=[33 * 7], pack=True),
 }
+FAST_CASES = ("persistent_two_items", "S128_bk64_qrows", "dream_packing")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(SLOW_CASES))
-def test_interpreter_matches_reference(interpreter, case):
-  spec = SLOW_CASES[case]
+def run_interpreter_case(name):
+  """One case, in this process (the child's entry point)."""
+  spec = INTERPRETER_CASES[name]
   args, layer = poisoned_inputs(**spec["inputs"])
+  if spec.get("pack"):
+    q_model = np.random.default_rng(1).standard_normal((1, 33, 7, args[0].shape[-1]))
+    args = (pack_queries(jnp.asarray(q_model, jnp.bfloat16), 1),) + args[1:]
+    assert args[0].shape[2] == DREAM_QB
   q_rows = None if "q_rows" not in spec else jnp.asarray(spec["q_rows"], i32)
-  check_against_reference(interpreter, args, layer, q_rows=q_rows, **spec.get("knobs", {}))
+  check_against_reference(args, layer, q_rows=q_rows, **spec.get("knobs", {}))
 
 
-@pytest.mark.slow
-def test_interpreter_dream_packing(interpreter):
-  """Dream's packing: 33 tokens x 7 query heads per KV head -> 231 used rows of QB 256, D 128."""
-  args, layer = poisoned_inputs(kv_len=[[200]], new_len=[32], num_fresh=32, q_rows=256,
-                                head_dim=128)
-  rng = np.random.default_rng(1)
-  q_model = jnp.asarray(rng.standard_normal((1, 33, 7, 128)), jnp.bfloat16)
-  args = (pack_queries(q_model, 1),) + args[1:]
-  assert args[0].shape == (1, 1, DREAM_QB, 128)
-  check_against_reference(interpreter, args, layer, q_rows=jnp.asarray([33 * 7], i32))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in FAST_CASES else pytest.mark.slow)
+                                  for c in INTERPRETER_CASES])
+def test_interpreter_matches_reference(case):
+  pytest.importorskip(f"{INTERPRETER}.params", reason="this jax has no Mosaic GPU interpreter")
+  code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+          f"import test_head_sparse_mgpu as t; t.run_interpreter_case({case!r})")
+  try:
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=DEADLOCK_S)
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"{case}: no result after {DEADLOCK_S} s (a deadlocked barrier protocol?)")
+  assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
 
 
 # ---- scripts/gqa_kernel_check.py on this CPU ---------------------------------------------------
