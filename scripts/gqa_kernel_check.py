@@ -50,14 +50,17 @@ CHECK_BATCH, CHECK_KEPT = 8, 1024                         # the correctness case
 SCALE = 1 / math.sqrt(D)
 TOL = 5e-3
 # (name, impl, knobs); the Triton pair are the two fastest GQA settings of pallas-gpu-notes.md §0
-# "mosaic" runs under jax's default lowering semantics (Warpgroup on 0.11), "mosaic_lane" under
-# Lane (0.10's default), to tell a semantics-specific failure from a kernel bug.
+# "mosaic": the defaults (persistent grid of one CTA per SM, 128-token steps, 3-slot ring) under
+# jax's default lowering semantics (Warpgroup on 0.11); the variants, most telling first: one
+# item per CTA (what persistence buys), Lane semantics (0.10's default: tells a semantics-specific
+# failure from a kernel bug), Triton's other fast setting, a 2-slot ring, 64-token steps.
 KERNELS = [("mosaic", "mosaic", {}),
-           ("mosaic_2stage", "mosaic", dict(num_stages=2)),
-           ("mosaic_bk64", "mosaic", dict(block_kv=64)),
-           ("mosaic_lane", "mosaic", dict(lane=True)),
            ("triton_bq64_w4", "pallas", dict(block_q=64, num_warps=4)),
-           ("triton_bq256_w8", "pallas", dict(block_q=256, num_warps=8))]
+           ("mosaic_item_per_cta", "mosaic", dict(num_ctas=1 << 30)),
+           ("mosaic_lane", "mosaic", dict(lane=True)),
+           ("triton_bq256_w8", "pallas", dict(block_q=256, num_warps=8)),
+           ("mosaic_2stage", "mosaic", dict(num_stages=2)),
+           ("mosaic_bk64", "mosaic", dict(block_kv=64))]
 PRIMARY = ("mosaic", "triton_bq64_w4")                     # checked, and timed at every shape
 PAGE_SIZES, KEPT = (64, 256), (1024, 2048)
 VARIANT_SHAPES = {(64, 1024), (256, 2048)}                 # where the non-default knobs run too

@@ -6,13 +6,16 @@ multi-buffered K/V ring fed by a producer warpgroup. Why: Dream's GQA (28:4, 7 q
 head, 256 q rows per (request, KV head)) is compute-bound under Triton (~220 TFLOP/s,
 pallas-gpu-notes.md §0); a Mosaic GPU prototype of the same loop ran 1.6x faster.
 
-One CTA per (q tile, KV head h, request b), grid (QB' / (64 * W), Hkv, B):
+Work items are (64·W q rows, KV head h, request b); a persistent grid of one CTA per SM loops
+over them (items c, c + #CTAs, ...; the two q tiles of one (b, h) run side by side and share its
+K/V in L2). Each CTA has
 
   * W compute warpgroups (W = 2 when QB > 64, else 1), 64 q rows each (wgmma M = 64);
-  * one memory warpgroup streaming the K/V blocks of (b, h) through a ring of `num_stages` SMEM
-    slots: the block's fresh K/V (64-row steps), then the cached tokens in `block_kv` steps, each
-    TMA-loaded by page id (a sub-block of one page, or whole pages when block_kv > S) straight
-    from the pool (the stacked [L, P, S, D] pool is indexed by the traced layer, never sliced);
+  * one memory warpgroup streaming the K/V blocks through a ring of `num_stages` SMEM slots:
+    per item the block's fresh K/V (64-row steps), then the cached tokens in `block_kv` steps,
+    each TMA-loaded by page id (a sub-block of one page, or whole pages when block_kv > S)
+    straight from the pool (the stacked [L, P, S, D] pool is indexed by the traced layer, never
+    sliced); the ring runs on across items, so the next item's loads overlap this one's tail;
   * the compute warpgroups run an f32 online softmax (exp2, FlashAttention-3 style ping-pong
     between the two warpgroups via a schedule barrier) and write their 64 rows through SMEM.
 
@@ -23,7 +26,7 @@ SMEM) are zeroed in SMEM (0 * NaN is NaN in wgmma). For Dream the wrapper copies
 Pages past kv_len (page 0 included) are never loaded. A row with no valid key has l == 0 -> 0.
 
 Differences from the Triton kernel: bf16/f16 only (wgmma would run f32 as tf32); D a multiple of
-64 up to 256; S and block_kv multiples of 64; the q_rows skip works per CTA tile of 64 * W rows.
+64 up to 256; S and block_kv multiples of 64; the q_rows skip works per item of 64 * W rows.
 Lowering semantics are jax's default (Lane on 0.10, Warpgroup on 0.11); the code sticks to the
 primitives jax's own attention_mgpu.py uses, which run under both.
 """
@@ -401,24 +404,11 @@ def _kernel(q_ref, k_ref, v_ref, pt_ref, kv_len_ref, kn_ref, vn_ref, new_len_ref
 
 
 def head_sparse_attention_mosaic_kernel(
-    q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    page_table: jax.Array,
-    kv_len: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
-    new_len: jax.Array,
-    *,
-    scale: float,
-    layer: jax.Array | None = None,
-    q_rows: jax.Array | None = None,
-    block_kv: int | None = None,
-    num_stages: int | None = None,
-    num_ctas: int | None = None,
-    compiler_params=None,
-    interpret=False,
-) -> jax.Array:
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+    kv_len: jax.Array, k_new: jax.Array, v_new: jax.Array, new_len: jax.Array, *, scale: float,
+    layer: jax.Array | None = None, q_rows: jax.Array | None = None,
+    block_kv: int | None = None, num_stages: int | None = None, num_ctas: int | None = None,
+    compiler_params=None, interpret=False) -> jax.Array:
   """plgpu.kernel wrapper; operands as ops.head_sparse_attention, which validates shapes and dtypes
   (impl="mosaic"); the Mosaic-specific limits raise ValueError here, before lowering.
 
@@ -426,9 +416,9 @@ def head_sparse_attention_mosaic_kernel(
   ``layer`` (stacked, read in place); page_table [B, Hkv, MP]; kv_len [B, Hkv]; k_new, v_new
   [B, Hkv, Ln, D]; new_len [B]; q_rows [B] (optional) -> [B, Hkv, QB, D] in q's dtype.
   Pads q rows to a multiple of 64 * compute warpgroups, and the fresh rows to a multiple of 64
-  unless Ln <= 64 is a multiple of 8 (Dream: 32, no copy); the pool is passed whole. ``interpret`` (True, or an
-  InterpretGPUParams) runs it in jax's private CPU Mosaic GPU interpreter with jnp matmuls (see
-  _Interpreted; tests only).
+  unless Ln <= 64 is a multiple of 8 (Dream: 32, no copy); the pool is passed whole.
+  num_ctas: the persistent grid (default: the GPU's SM count). ``interpret`` (True, or an
+  InterpretGPUParams): jax's private CPU Mosaic GPU interpreter, jnp matmuls (tests only).
   """
   tiles = mosaic_tiles(q.shape, k_pages.shape, k_new.shape, q.dtype, block_kv=block_kv,
                        num_stages=num_stages)
