@@ -67,6 +67,8 @@ WARM_TOY = ("scripts/gpu_warmup.py", "--config", "bench-small", "--layers", "1",
 STAGES = (
     Stage("kernels", ("scripts/gpu_kernel_cases.py", "--impl", "pallas", "--size", "gpu"),
           ("scripts/gpu_kernel_cases.py", "--impl", "interpret", "--size", "toy"), 120, 20),
+    Stage("gqa_mosaic", ("scripts/gqa_kernel_check.py",),
+          ("scripts/gqa_kernel_check.py", "--dry-run"), 120, 30),
     Stage("refresh_attention", ("scripts/gpu_refresh_attention.py", "--size", "gpu"),
           ("scripts/gpu_refresh_attention.py", "--size", "toy"), 90, 15),
     Stage("bench_attention", ("-m", "dllm_jax.cli", "bench", "attention", "--cases", "llada-8b",

@@ -129,6 +129,8 @@ def fused_lm_head(hidden, head, temperature, seed, step, position, *, chunk_rows
   if chunk_rows < 1 or vocab_tile < 1:
     raise ValueError(f"chunk_rows / vocab_tile must be >= 1, got {chunk_rows}, {vocab_tile}")
   impl = resolve_impl(impl)
+  if impl == "mosaic":
+    raise ValueError("the fused LM head has no Mosaic GPU kernel: use impl='pallas' (or 'auto')")
   hidden = hidden.astype(head.dtype)
   temperature = temperature.astype(jnp.float32)
   seed = seed.astype(jnp.uint32)

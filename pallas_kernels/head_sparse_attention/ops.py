@@ -56,15 +56,18 @@ Every query row of (b, h) attends, non-causally, to the valid cached tokens of (
 fresh rows of b, with softmax(q.k * scale) in f32, scale = 1/sqrt(D) unless given. A row with no
 valid key gets zeros. All float inputs must share one dtype (bf16 or f32).
 
-Implementations (`impl`): "auto" -> the Pallas kernel on a GPU, the jnp reference elsewhere;
-"pallas"; "interpret" (the Pallas kernel under the CPU interpreter, for tests); "reference";
-"callback" (test-only: the kernel's exact operand list handed to `jax.pure_callback`, an opaque
-call like the GPU custom call, computed by the reference on the host; lets CPU tests see what
-XLA does around an opaque consumer of the pool).
+Implementations (`impl`): "auto" -> the Pallas (Triton) kernel on a GPU, the jnp reference
+elsewhere (the Mosaic GPU kernel is opt-in until a GPU run has measured it); "pallas"; "mosaic"
+(kernel_mgpu.py, for Dream-like GQA: Hopper wgmma +
+TMA page ring; block_k -> its block_kv, num_stages -> its K/V ring slots, block_q and num_warps
+unused; defaults 128 and 3 where SMEM allows); "interpret" (the Pallas kernel under the CPU
+interpreter, for tests); "reference"; "callback" (test-only: the kernel's exact operand list
+handed to `jax.pure_callback`, an opaque call like the GPU custom call, computed by the reference
+on the host; lets CPU tests see what XLA does around an opaque consumer of the pool).
 The kernel needs QB, D and the tile sizes to be powers of two >= 16 (Triton); it pads Ln itself.
 Static tuning knobs: block_k (cached tokens per step, must divide S; default min(S, 64)), block_q
 (q rows per program, grid (B, Hkv, QB // block_q); default min(QB, 64)), num_warps, num_stages
-(4 and 2: the fastest on an H100 for MHA; 8 warps were 12-23 % slower).
+(4 and 2, None meaning 2: the fastest on an H100 for MHA; 8 warps were 12-23 % slower).
 """
 
 from __future__ import annotations
@@ -233,7 +236,7 @@ def head_sparse_attention(
     block_k: int | None = None,
     block_q: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> jax.Array:
   """Reuse-phase attention over sparse paged + fresh K/V; see the module docstring.
 
@@ -252,10 +255,15 @@ def head_sparse_attention(
     return head_sparse_attention_reference(*args, layer=layer, q_rows=q_rows, scale=scale)
   if impl == "callback":
     return _callback(*args, layer=layer, q_rows=q_rows, scale=scale)
+  if impl == "mosaic":
+    from pallas_kernels.head_sparse_attention import kernel_mgpu  # imports Mosaic GPU: on use
+    return kernel_mgpu.head_sparse_attention_mosaic_kernel(
+        *args, scale=scale, layer=layer, q_rows=q_rows, block_kv=block_k, num_stages=num_stages)
   block_k, block_q = _kernel_tiles(q, k_pages, block_k, block_q)
   return head_sparse_attention_kernel(
       *args, scale=scale, block_k=block_k, block_q=block_q, layer=layer, q_rows=q_rows,
-      num_warps=num_warps, num_stages=num_stages, interpret=impl == "interpret")
+      num_warps=num_warps, num_stages=2 if num_stages is None else num_stages,
+      interpret=impl == "interpret")
 
 
 def _callback(q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len, *, layer, q_rows,
