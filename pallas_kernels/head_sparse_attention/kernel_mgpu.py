@@ -3,8 +3,8 @@
 Same contract as kernel.py's Triton kernel (ops.py documents shapes and semantics), written for
 Hopper tensor cores: wgmma with an f32 accumulator, TMA page loads into swizzled SMEM, a
 multi-buffered K/V ring fed by a producer warpgroup. Why: Dream's GQA (28:4, 7 query heads per KV
-head, 256 q rows per (request, KV head)) is compute-bound under Triton (~220 TFLOP/s,
-pallas-gpu-notes.md §0); a Mosaic GPU prototype of the same loop ran 1.6x faster.
+head, 256 q rows per (request, KV head)) is compute-bound under Triton (~220 TFLOP/s
+measured on an H100); a Mosaic GPU prototype of the same loop ran 1.6x faster there.
 
 Work items are (64·W q rows, KV head h, request b); a persistent grid of one CTA per SM loops
 over them (items c, c + #CTAs, ...; the two q tiles of one (b, h) run side by side and share its
