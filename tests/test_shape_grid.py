@@ -110,3 +110,17 @@ def test_lengths_need_rows_that_fit():
   assert GRID.lengths_for(64) == [0, 32, 64]          # 128 needs a row of > 64 tokens
   assert GRID.lengths_for(96) == [0, 32, 64, 128]
   assert list(itertools.takewhile(lambda n: n <= 512, GRID.lengths_for(2048)))[-1] == 512
+
+
+def test_token_buckets_stop_at_what_the_rows_can_feed():
+  from dllm_jax.model_config import ModelConfig
+  small = preset("bench-small")
+  cfg = EngineConfig(token_budget=4096, max_model_len=128, max_refresh_rows=8,
+                     max_reuse_rows=8, max_block_length=16, max_running=16)
+  grid = Grid.of(cfg, small)
+  assert grid.max_tokens == 8 * 128 + 8 * 16  # every row cap filled, under the token budget
+  assert grid.tokens[-1] == 1536 and grid.tokens[-2] < 1152
+  # max_running caps the rows too; the budget still binds when it is the smaller
+  assert Grid.of(cfg.replace(max_running=2), small).max_tokens == 2 * 128 + 2 * 16
+  assert Grid.of(cfg.replace(token_budget=100), small).max_tokens == 100
+  assert isinstance(small, ModelConfig)

@@ -70,9 +70,14 @@ class Grid:
 
   @classmethod
   def of(cls, cfg, mcfg) -> "Grid":
-    """The grid of an EngineConfig on a ModelConfig (no model or device needed)."""
+    """The grid of an EngineConfig on a ModelConfig (no model or device needed). The token
+    buckets stop at the most a step can feed: the token budget, or every row cap filled."""
     max_len = min(cfg.max_model_len or mcfg.max_position, mcfg.max_position)
-    return cls(max_tokens=cfg.token_budget, max_len_bucket=pow2_at_least(max_len, MIN_LENGTH),
+    shift = 1 if mcfg.shifted_prediction else 0
+    feedable = (min(cfg.max_refresh_rows, cfg.max_running) * max_len
+                + min(cfg.max_reuse_rows, cfg.max_running) * (cfg.max_block_length + shift))
+    return cls(max_tokens=min(cfg.token_budget, feedable),
+               max_len_bucket=pow2_at_least(max_len, MIN_LENGTH),
                max_refresh_rows=cfg.max_refresh_rows, max_reuse_rows=cfg.max_reuse_rows,
                max_block_length=cfg.max_block_length, shifted=mcfg.shifted_prediction)
 
