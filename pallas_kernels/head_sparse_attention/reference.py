@@ -45,6 +45,9 @@ def key_validity(kv_len: jax.Array, new_len: jax.Array, num_cached: int,
   return jnp.concatenate([cached, fresh], axis=-1)
 
 
+Q_TILE = 32  # q rows per tile of the q_rows path (rows past a request's used tiles: zeros)
+
+
 def _attend(q, k, v, valid, scale):
   """q [..., QB, D], k/v [..., T, D] (f32), valid [..., T] -> [..., QB, D]: one f32 softmax."""
   hi = lax.Precision.HIGHEST
@@ -65,8 +68,9 @@ def head_sparse_attention_reference(*operands: jax.Array, layer=None, q_rows=Non
   order; shapes as in ops.head_sparse_attention) -> [B, Hkv, QB, D].
 
   Lengths outside [0, MP*S] / [0, Ln] behave as if clamped (the kernel clamps explicitly).
-  With ``q_rows`` [B], only the requests with a query row in use run, one at a time (the others
-  are zeros): padding rows of a bucket cost nothing on the CPU path.
+  With ``q_rows`` [B], only the requests with a query row in use run, one at a time, and of each
+  only the 32-row q tiles that hold used rows (the other rows are zeros): padding rows of a bucket
+  cost nothing on the CPU path.
   """
   q, k_pages, v_pages, page_table, kv_len, k_new, v_new, new_len = SparseOperands(*operands)
   head_dim = q.shape[-1]
@@ -84,15 +88,26 @@ def head_sparse_attention_reference(*operands: jax.Array, layer=None, q_rows=Non
     k, v, valid = keys(page_table, kv_len, k_new, v_new, new_len)            # [B, Hkv, T]
     return _attend(q.astype(f32), k, v, valid, scale).astype(q.dtype)
 
-  # Only the requests in use run (a loop with a traced trip count, over their indices).
+  # Only the requests in use run (a loop with a traced trip count, over their indices), and of
+  # each only the q tiles holding its used rows (like the kernel's tiles; the rest stay zero).
   used = q_rows > 0
   order = jnp.argsort(~used, stable=True).astype(jnp.int32)
+  rows = q.shape[2]
+  tile = min(rows, Q_TILE)
 
   def body(i, out):
     b = order[i]
     row = lambda x: lax.dynamic_index_in_dim(x, b, keepdims=True)
     k, v, valid = keys(row(page_table), row(kv_len), row(k_new), row(v_new), row(new_len))
-    o = _attend(row(q).astype(f32), k, v, valid, scale).astype(q.dtype)
-    return lax.dynamic_update_index_in_dim(out, o[0], b, 0)
+    qb = row(q)                                                     # [1, Hkv, QB, D]
+
+    def one_tile(j, ob):
+      qt = lax.dynamic_slice_in_dim(qb, j * tile, tile, axis=2).astype(f32)
+      ot = _attend(qt, k, v, valid, scale).astype(q.dtype)
+      return lax.dynamic_update_slice_in_dim(ob, ot, j * tile, axis=2)
+
+    tiles = jnp.minimum((q_rows[b] + tile - 1) // tile, rows // tile)
+    ob = lax.fori_loop(0, tiles, one_tile, jnp.zeros(qb.shape, q.dtype))
+    return lax.dynamic_update_index_in_dim(out, ob[0], b, 0)
 
   return lax.fori_loop(0, jnp.sum(used), body, jnp.zeros(q.shape, q.dtype))
