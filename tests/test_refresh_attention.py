@@ -68,6 +68,17 @@ def test_xla_path_matches_dense_attention_and_torch(b, t, hq, hkv, d, lengths):
     np.testing.assert_array_equal(out[i, n:], 0.0)  # padding rows (all of a length-0 row)
 
 
+@pytest.mark.parametrize("b,t,hq,hkv,d,lengths", CASES)
+def test_rows_in_use_path_equals_the_batched_xla_path(b, t, hq, hkv, d, lengths):
+  """impl="xla_rows" (the engine's CPU path: one row at a time, rows with a length only)."""
+  q, k, v, lens = _inputs(sum(lengths) + 1, b, t, hq, hkv, d, lengths)
+  rows = np.asarray(jax.jit(lambda *a: refresh_attention(*a, impl="xla_rows"))(q, k, v, lens))
+  batched = np.asarray(refresh_attention(q, k, v, lens, impl="xla"))
+  np.testing.assert_allclose(rows, batched, atol=ATOL, rtol=0)
+  for i, n in enumerate(lens):
+    np.testing.assert_array_equal(rows[i, n:], 0.0)
+
+
 def test_auto_never_picks_cudnn_off_a_gpu():
   assert jax.default_backend() != "gpu"
   for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):

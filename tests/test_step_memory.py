@@ -22,6 +22,7 @@ import contextlib
 import math
 import warnings
 
+import jax.numpy as jnp
 import pytest
 
 from dllm_jax.config import EngineConfig, ModelConfig
@@ -62,6 +63,7 @@ def step_parts(core):
 
 def sliced_reuse_attention(cache, layer, q, k, v, u, st):
   """The mutation: the kernel gets ``pool[layer]``, a per-layer plane sliced out of the pool."""
+  q, k, v = (jnp.take(a, u.index, axis=0) for a in (q, k, v))  # the Reuse layout
   lq, hq, hkv = q.shape[1], q.shape[2], k.shape[2]
   table = cache.page_table[u.slots, layer]
   kv_len = cache.kv_len[u.slots, layer]
@@ -126,7 +128,7 @@ def pool_type(core) -> str:
 @pytest.mark.parametrize("mutation", [False, True], ids=["in_place", "sliced_mutation"])
 def test_cuda_step_reads_the_pool_in_place(model, monkeypatch, mutation):
   core = engine(model, "pallas", 64)
-  assert core.refresh_impl == "xla"  # the XLA Refresh path (cuDNN is never chosen on a CPU)
+  assert core.refresh_impl == "xla_rows"  # the XLA Refresh path (never cuDNN on a CPU)
   with mutated(monkeypatch, mutation):
     lowered = lowered_for_cuda(core)
   text = lowered.as_text()

@@ -34,6 +34,7 @@ from dllm_jax.cache import selection
 from dllm_jax.cache.page_pool import SparseCache
 from dllm_jax.model.attention import refresh_attention
 from dllm_jax.model.transformer import Block, RefreshPart, Transformer
+from pallas_kernels.common import resolve_impl
 from pallas_kernels.head_sparse_attention import (head_sparse_attention, pack_queries,
                                                   unpack_outputs)
 
@@ -157,16 +158,59 @@ def _select_and_store(cache: SparseCache, layer, q, k, v, lengths, sel: SelectPa
 def reuse_attention(cache: SparseCache, layer, q, k, v, u: ReuseLayout, st: SparseStatic):
   """Reuse rows: queries attend to their head's selected K/V plus the block's fresh K/V.
 
-  q [Bu, Lq, Hq, D], k/v [Bu, Lq, Hkv, D] -> [Bu, Lq, Hq, D]. The whole pool and the traced
-  ``layer`` go to the kernel (a per-layer slice would be a copy of the plane every step)."""
+  q [T, Hq, D], k/v [T, Hkv, D] (the flat tokens) -> [Bu, Lq, Hq, D]. The whole pool and the
+  traced ``layer`` go to the kernel (a per-layer slice would be a copy of the plane every step).
+  The CPU path (the jnp reference) runs the rows in use one at a time, straight from the flat
+  tokens: the [Bu, Lq] layout is sized for the longest block and mostly padding otherwise."""
+  if resolve_impl(st.attn_impl) == "reference":
+    return _reuse_rows_in_use(cache, layer, q, k, v, u)
+  q, k, v = (jnp.take(a, u.index, axis=0) for a in (q, k, v))        # [Bu, Lq, H, D]
+  return _head_sparse(cache, layer, q, k, v, u.slots, u.new_len, u.n_query, st.attn_impl)
+
+
+def _head_sparse(cache: SparseCache, layer, q, k, v, slots, new_len, n_query, impl: str):
+  """q [B, Lq, Hq, D], k/v [B, Lq, Hkv, D] of B Reuse rows -> [B, Lq, Hq, D]."""
   lq, hq = q.shape[1], q.shape[2]
   hkv = k.shape[2]  # local heads under tensor parallelism
-  table = cache.page_table[u.slots, layer]
-  kv_len = cache.kv_len[u.slots, layer]
+  table = cache.page_table[slots, layer]
+  kv_len = cache.kv_len[slots, layer]
   out = head_sparse_attention(
       pack_queries(q, hkv), cache.k, cache.v, table, kv_len, k.transpose(0, 2, 1, 3),
-      v.transpose(0, 2, 1, 3), u.new_len, layer, u.n_query * (hq // hkv), impl=st.attn_impl)
+      v.transpose(0, 2, 1, 3), new_len, layer, n_query * (hq // hkv), impl=impl)
   return unpack_outputs(out, lq, hq)
+
+
+def _reuse_rows_in_use(cache: SparseCache, layer, q, k, v, u: ReuseLayout):
+  """The reference path over the Reuse rows in use only, each sliced from the flat tokens (a
+  row's query tokens are contiguous there, from u.index[r, 0])."""
+  bu, lq = u.index.shape
+  pad = lambda a: jnp.pad(a, ((0, lq),) + ((0, 0),) * (a.ndim - 1))  # slices never clamp
+  q, k, v = pad(q), pad(k), pad(v)
+  used = u.n_query > 0
+  order = jnp.argsort(~used, stable=True).astype(jnp.int32)
+
+  # A row runs at the smallest power-of-two length (>= 16) holding its block: the fresh keys and
+  # query tiles then scale with the block it has, not with the longest one the layout allows.
+  sizes = sorted({min(lq, 16 << i) for i in range(max(lq, 16).bit_length())})
+
+  def body(i, out):
+    r = order[i]
+    pick = lambda a: jax.lax.dynamic_index_in_dim(a, r, keepdims=True)
+
+    def at(n):
+      def run():
+        one = lambda a: jax.lax.dynamic_slice_in_dim(a, u.index[r, 0], n)[None]
+        o = _head_sparse(cache, layer, one(q), one(k), one(v), pick(u.slots), pick(u.new_len),
+                         pick(u.n_query), "reference")
+        return jnp.pad(o[0], ((0, lq - n),) + ((0, 0),) * (o.ndim - 2))
+      return run
+
+    size = jnp.searchsorted(jnp.asarray(sizes), jnp.maximum(u.n_query[r], u.new_len[r]))
+    o = jax.lax.switch(jnp.minimum(size, len(sizes) - 1), [at(n) for n in sizes])
+    return jax.lax.dynamic_update_index_in_dim(out, o, r, 0)
+
+  init = jnp.zeros((bu, lq) + q.shape[1:], q.dtype)
+  return jax.lax.fori_loop(0, jnp.sum(used), body, init)
 
 
 def embed(model: Transformer, tokens, axis: str | None):
@@ -198,8 +242,7 @@ def layer_forward(blk: Block, layer, x, flat: FlatTokens, refresh: RefreshLayout
     o = refresh_attention(qr, kr, vr, refresh.lengths, impl=st.refresh_impl)
     outs.append(o.reshape(-1, *o.shape[2:]))
   if reuse is not None:
-    qu, ku, vu = (jnp.take(a, reuse.index, axis=0) for a in (q, k, v))    # [Bu, Lq, H, D]
-    o = reuse_attention(cache, layer, qu, ku, vu, reuse, st)
+    o = reuse_attention(cache, layer, q, k, v, reuse, st)               # [Bu, Lq, Hq, D]
     outs.append(o.reshape(-1, *o.shape[2:]))
   outs.append(jnp.zeros((1,) + q.shape[1:], q.dtype))           # what padding tokens read
   o = jnp.take(jnp.concatenate(outs, axis=0), flat.inverse, axis=0)   # back to flat order
