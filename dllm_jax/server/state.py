@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any
 
 
+@dataclasses.dataclass(eq=False)
 class ServerState:
-  def __init__(self, llm, worker, model_name: str, api_key: str | None, max_body_bytes: int,
-               metrics, *, shutdown_timeout: float = 30.0):
-    self.llm = llm
-    self.worker = worker
-    self.model_name = model_name
-    self.api_key = api_key
-    self.max_body_bytes = max_body_bytes
-    self.metrics = metrics
-    self.shutdown_timeout = shutdown_timeout
-    self.created = int(time.time())
-    self.max_len = worker.core.max_len
-    self.mask_id = llm.cfg.mask_token_id
-    self.eos_ids = tuple(llm.cfg.eos_ids)
-    self._pieces: dict[int, str] = {}
+  llm: Any
+  worker: Any
+  model_name: str
+  api_key: str | None
+  max_body_bytes: int
+  metrics: Any
+  shutdown_timeout: float = 30.0
+  created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+  _pieces: dict[int, str] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self.max_len = self.worker.core.max_len
+    self.mask_id = self.llm.cfg.mask_token_id
+    self.eos_ids = tuple(self.llm.cfg.eos_ids)
 
   @property
   def tokenizer(self):

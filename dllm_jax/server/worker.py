@@ -59,35 +59,36 @@ class Failure:
 Event = Union[RequestOutput, Failure]
 
 
+@dataclasses.dataclass(eq=False)
 class Handle:
   """One in-flight request as the HTTP side sees it. ``stream``: the handler wants PREFIX (and
   with ``trace`` STEP) events, not only the end; ``stops`` / ``limit``: the text's stop strings
   and token cut (OpenAI ``stop`` / ``max_tokens``), applied by the engine."""
 
-  def __init__(self, rid: str, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], sp,
-               sparse, *, trace: bool = False, endpoint: str = "", stream: bool = False,
-               stops: list[str] | None = None, limit: int | None = None):
-    self.rid = rid
-    self.orig_rid = rid
-    self.loop = loop
+  rid: str
+  loop: asyncio.AbstractEventLoop
+  prompt_ids: list[int]
+  sp: Any
+  sparse: Any
+  trace: bool = False
+  endpoint: str = ""
+  stream: bool = False
+  stops: list[str] = dataclasses.field(default_factory=list)
+  limit: int | None = None
+  t0: float = dataclasses.field(default_factory=time.perf_counter)
+  created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+  trace_sent: int = 0       # steps already posted (survives a retry: steps repeat)
+  strikes: int = 0          # failed engine steps this request was part of
+  retries: int = 0
+  retry_since: float = 0.0
+  cancelled: bool = False   # the client went away / the handler stopped waiting
+  first_token_t: float | None = None
+
+  def __post_init__(self):
+    self.orig_rid = self.rid
+    self.stops = list(self.stops or [])
     self._events: collections.deque[Event] = collections.deque()  # touched in the loop only
     self._ready = asyncio.Event()
-    self.prompt_ids = prompt_ids
-    self.sp = sp
-    self.sparse = sparse
-    self.trace = trace
-    self.endpoint = endpoint
-    self.stream = stream
-    self.stops = list(stops or [])
-    self.limit = limit
-    self.t0 = time.perf_counter()
-    self.created = int(time.time())
-    self.trace_sent = 0      # steps already posted (survives a retry: steps repeat)
-    self.strikes = 0         # failed engine steps this request was part of
-    self.retries = 0
-    self.retry_since = 0.0
-    self.cancelled = False   # the client went away / the handler stopped waiting
-    self.first_token_t: float | None = None
 
   def post(self, event: Event) -> None:
     """Any thread: queue ``event`` for the handler."""
