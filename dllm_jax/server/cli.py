@@ -24,6 +24,24 @@ def _port(v: str) -> int:
   return n
 
 
+# (flag, type, default, help) of serve's numeric flags.
+_NUMBERS = (
+    ("--port", _port, 8000, "TCP port (default 8000)"),
+    ("--max-queue", positive_int, 64,
+     "requests that may wait for a running slot before new ones get 429 (default 64)"),
+    ("--shutdown-timeout", positive_float, 30.0,
+     "seconds in-flight requests get to finish on shutdown (default 30)"),
+    ("--header-timeout", positive_float, 10.0,
+     "seconds a client has to send a request's line and headers (408 after; default 10)"),
+    ("--body-timeout", positive_float, 30.0,
+     "seconds a client has to send a request's body (408 after; default 30)"),
+    ("--max-connections", positive_int, 256,
+     "open connections beyond this are answered 503 (default 256)"),
+    ("--replicas", positive_int, 1,
+     "data-parallel engines on disjoint device sets (least-loaded routing; default 1)"),
+)
+
+
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   p.description = ("Serve a diffusion LM over HTTP: OpenAI-compatible /v1/completions and "
                    "/v1/chat/completions, native /v1/diffusion/generate, SSE streaming, "
@@ -32,24 +50,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   p.add_argument("--model-name", help="the id /v1/models reports (default: the directory name)")
   p.add_argument("--host", default="127.0.0.1",
                  help="bind address (default 127.0.0.1; use 0.0.0.0 to expose the server)")
-  p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+  for flag, kind, default, text in _NUMBERS:
+    p.add_argument(flag, type=kind, default=default, help=text)
   p.add_argument("--api-key", default=os.environ.get("DLLM_API_KEY"),
                  help="require 'Authorization: Bearer KEY' on /v1/* and /metrics "
                       "(default: $DLLM_API_KEY, else no auth)")
-  p.add_argument("--max-queue", type=positive_int, default=64,
-                 help="requests that may wait for a running slot before new ones get 429")
-  p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                 help="seconds in-flight requests get to finish on shutdown")
   p.add_argument("--log-level", default="info",
                  choices=["critical", "error", "warning", "info", "debug"],
                  help="server log level (default info)")
-  p.add_argument("--header-timeout", type=positive_float, default=10.0,
-                 help="seconds a client has to send a request's line and headers (408 after; "
-                      "default 10)")
-  p.add_argument("--body-timeout", type=positive_float, default=30.0,
-                 help="seconds a client has to send a request's body (408 after; default 30)")
-  p.add_argument("--max-connections", type=positive_int, default=256,
-                 help="open connections beyond this are answered 503 (default 256)")
   p.add_argument("--warmup", nargs="?", const="full", default="none",
                  choices=("none", "quick", "full"),
                  help="precompile the engine's steps before serving: quick = the common "
@@ -59,8 +67,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
   p.add_argument("--no-compile-cache", action="store_true",
                  help="do not use JAX's persistent compilation cache (default: on, in "
                       "$DLLM_JAX_CACHE_DIR or ~/.cache/dllm-jax/jax)")
-  p.add_argument("--replicas", type=positive_int, default=1,
-                 help="data-parallel engines on disjoint device sets (least-loaded routing)")
   add_engine_args(p)
   return p
 
