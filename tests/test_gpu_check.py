@@ -98,6 +98,9 @@ def test_dry_run_stage_results(dry_run):
   assert cold["cache_entries_before"] == 0 < cold["cache_entries_after"]
   assert cached["cache_entries_before"] == cold["cache_entries_after"]
   assert cold["executables"] == cached["executables"] >= 1
+  # the cold start compiles every executable; the second start loads them all from the store
+  assert cold["compiled"] == cold["executables"] and cold["loaded"] == 0
+  assert cached["compiled"] == 0 and cached["loaded"] == cached["executables"]
 
 
 def _run(args, timeout=300):
