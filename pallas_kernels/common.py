@@ -1,4 +1,5 @@
-"""Helpers shared by the Pallas GPU kernels: backend choice, Triton params, cuda-lowering probe."""
+"""Helpers shared by the Pallas GPU kernels: backend choice, Triton params, cuda-lowering probe,
+the CPU paths' loop over the rows in use."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ def resolve_impl(impl: str) -> str:
   if impl == "auto":
     return "pallas" if on_gpu() else "reference"
   return impl
+
+
+def for_each_used(used: jax.Array, body, init):
+  """``body(b, carry) -> carry`` over the indices b with ``used[b]`` (bool [B]), in index order,
+  as a loop with a traced trip count: the unused (padding) entries of a bucket cost nothing.
+  What the CPU paths use to run only the rows a step really has."""
+  order = jax.numpy.argsort(~used, stable=True).astype(jax.numpy.int32)
+  return jax.lax.fori_loop(0, jax.numpy.sum(used), lambda i, carry: body(order[i], carry), init)
 
 
 def is_power_of_two(n: int) -> bool:

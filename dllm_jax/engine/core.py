@@ -104,9 +104,8 @@ class EngineCore:
     self.dtype = model.dtype
     self.grid = Grid.of(cfg, self.mcfg)
     # cuDNN flash attention on GPUs; elsewhere the XLA path over the rows in use only.
-    self.refresh_impl = resolve_refresh_impl("auto", self.dtype, self.mcfg.head_dim)
-    if self.refresh_impl == "xla":
-      self.refresh_impl = "xla_rows"
+    self.refresh_impl = resolve_refresh_impl("auto", self.dtype, self.mcfg.head_dim,
+                                             fallback="xla_rows")
     self.runner = Runner(model, parallel.make_mesh(cfg.tp, devices))
     self.kv_heads = self.runner.layout.kv_heads_per_device
     self._plans: dict[int, LogitPlan] = {}

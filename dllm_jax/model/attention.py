@@ -26,6 +26,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import for_each_used
+
 REFRESH_IMPLS = ("auto", "cudnn", "xla", "xla_rows")
 
 # Finite "minus infinity" for masked scores ((-inf) - (-inf) would be NaN).
@@ -47,12 +49,13 @@ def cudnn_supported(dtype, head_dim: int) -> bool:
   return head_dim % 8 == 0 and head_dim <= limit
 
 
-def resolve_refresh_impl(impl: str, dtype, head_dim: int) -> str:
-  """'auto' -> 'cudnn' where supported, else 'xla'. Explicit choices pass through."""
+def resolve_refresh_impl(impl: str, dtype, head_dim: int, *, fallback: str = "xla") -> str:
+  """'auto' -> 'cudnn' where supported, else ``fallback`` ('xla' or 'xla_rows'). Explicit
+  choices pass through."""
   if impl not in REFRESH_IMPLS:
     raise ValueError(f"refresh attention impl: expected one of {REFRESH_IMPLS}, got {impl!r}")
   if impl == "auto":
-    return "cudnn" if cudnn_supported(dtype, head_dim) else "xla"
+    return "cudnn" if cudnn_supported(dtype, head_dim) else fallback
   return impl
 
 
@@ -78,17 +81,14 @@ def refresh_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arr
 
 def _rows_in_use(q, k, v, lengths):
   """The XLA path for the rows with a length only, one at a time; the other rows are zeros."""
-  used = lengths > 0
-  order = jnp.argsort(~used, stable=True).astype(jnp.int32)
-
-  def body(i, out):
-    row = lambda x: jax.lax.dynamic_index_in_dim(x, order[i], keepdims=True)
+  def body(b, out):
+    row = lambda x: jax.lax.dynamic_index_in_dim(x, b, keepdims=True)
     n = row(lengths)
     o = jax.nn.dot_product_attention(row(q), row(k), row(v), query_seq_lengths=n,
                                      key_value_seq_lengths=n, implementation="xla")
-    return jax.lax.dynamic_update_index_in_dim(out, o[0], order[i], 0)
+    return jax.lax.dynamic_update_index_in_dim(out, o[0], b, 0)
 
-  return jax.lax.fori_loop(0, jnp.sum(used), body, jnp.zeros_like(q))
+  return for_each_used(lengths > 0, body, jnp.zeros_like(q))
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array) -> jax.Array:

@@ -34,7 +34,7 @@ from dllm_jax.cache import selection
 from dllm_jax.cache.page_pool import SparseCache
 from dllm_jax.model.attention import refresh_attention
 from dllm_jax.model.transformer import Block, RefreshPart, Transformer
-from pallas_kernels.common import resolve_impl
+from pallas_kernels.common import for_each_used, resolve_impl
 from pallas_kernels.head_sparse_attention import (head_sparse_attention, pack_queries,
                                                   unpack_outputs)
 
@@ -186,15 +186,11 @@ def _reuse_rows_in_use(cache: SparseCache, layer, q, k, v, u: ReuseLayout):
   bu, lq = u.index.shape
   pad = lambda a: jnp.pad(a, ((0, lq),) + ((0, 0),) * (a.ndim - 1))  # slices never clamp
   q, k, v = pad(q), pad(k), pad(v)
-  used = u.n_query > 0
-  order = jnp.argsort(~used, stable=True).astype(jnp.int32)
-
   # A row runs at the smallest power-of-two length (>= 16) holding its block: the fresh keys and
   # query tiles then scale with the block it has, not with the longest one the layout allows.
   sizes = sorted({min(lq, 16 << i) for i in range(max(lq, 16).bit_length())})
 
-  def body(i, out):
-    r = order[i]
+  def body(r, out):
     pick = lambda a: jax.lax.dynamic_index_in_dim(a, r, keepdims=True)
 
     def at(n):
@@ -210,7 +206,7 @@ def _reuse_rows_in_use(cache: SparseCache, layer, q, k, v, u: ReuseLayout):
     return jax.lax.dynamic_update_index_in_dim(out, o, r, 0)
 
   init = jnp.zeros((bu, lq) + q.shape[1:], q.dtype)
-  return jax.lax.fori_loop(0, jnp.sum(used), body, init)
+  return for_each_used(u.n_query > 0, body, init)
 
 
 def embed(model: Transformer, tokens, axis: str | None):

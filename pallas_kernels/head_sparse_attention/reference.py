@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.common import for_each_used
 from pallas_kernels.head_sparse_attention.operands import SparseOperands
 
 
@@ -90,13 +91,10 @@ def head_sparse_attention_reference(*operands: jax.Array, layer=None, q_rows=Non
 
   # Only the requests in use run (a loop with a traced trip count, over their indices), and of
   # each only the q tiles holding its used rows (like the kernel's tiles; the rest stay zero).
-  used = q_rows > 0
-  order = jnp.argsort(~used, stable=True).astype(jnp.int32)
   rows = q.shape[2]
   tile = min(rows, Q_TILE)
 
-  def body(i, out):
-    b = order[i]
+  def body(b, out):
     row = lambda x: lax.dynamic_index_in_dim(x, b, keepdims=True)
     k, v, valid = keys(row(page_table), row(kv_len), row(k_new), row(v_new), row(new_len))
     qb = row(q)                                                     # [1, Hkv, QB, D]
@@ -110,4 +108,4 @@ def head_sparse_attention_reference(*operands: jax.Array, layer=None, q_rows=Non
     ob = lax.fori_loop(0, tiles, one_tile, jnp.zeros(qb.shape, q.dtype))
     return lax.dynamic_update_index_in_dim(out, ob[0], b, 0)
 
-  return lax.fori_loop(0, jnp.sum(used), body, jnp.zeros(q.shape, q.dtype))
+  return for_each_used(q_rows > 0, body, jnp.zeros(q.shape, q.dtype))
