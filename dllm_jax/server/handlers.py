@@ -272,8 +272,7 @@ async def _native_stream(handle: Handle, state: ServerState):
         yield DONE
         return
       elif u.kind == "done":
-        state.metrics.observe("diffusion", handle,
-                              u.out.num_text_tokens if u.out.text is not None else 0,
+        state.metrics.observe("diffusion", handle, _completion_tokens(u.out),
                               len(handle.prompt_ids))
         yield sse(_native_result(handle, u.out, state, with_trace=False))
         yield DONE
