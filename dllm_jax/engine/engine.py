@@ -179,10 +179,10 @@ class LLM:
     requests that ended: ERROR ones (``error`` says why) and FINISHED ones that completed in
     the failed step before it failed. Decoding is deterministic: an ERROR request added again
     gives the same tokens."""
-    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    now = time.perf_counter()
     if self._core is None:
       return []
+    msg = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    now = time.perf_counter()
     ended = self.core.recover(msg)
     outs = [o for r in ended for o in self._proc.ended(r, now)]
     for rid in sorted(self._proc.request_ids() - self.core.request_ids()):

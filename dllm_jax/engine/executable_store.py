@@ -13,8 +13,8 @@ run), so such a compile is not saved (:func:`compile_fresh` tells the two apart)
 
 It is on exactly when JAX's persistent cache is (the CLI and the server turn that on by default;
 ``LLM(compile_cache=...)`` or ``dllm_jax.compile_cache.enable()`` in a notebook): the files live
-in ``<jax cache dir>/dllm-jax-executables``. A file that cannot be read or loaded is deleted (a stale or corrupt
-entry costs one compile, never a wrong program: the key covers the code).
+in ``<jax cache dir>/dllm-jax-executables``. A file that cannot be read or loaded is deleted (a
+stale or corrupt entry costs one compile, never a wrong program: the key covers the code).
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dllm_jax.sampling.plan import VARIANTS
 from pallas_kernels import noise
 from pallas_kernels.fused_lm_head import ops as fused_ops
-from dllm_jax.sampling.plan import VARIANTS
 from pallas_kernels.fused_lm_head.stats import finalize, logits_stats, map_row_chunks
 
 
