@@ -126,10 +126,18 @@ def backend_compiles():
 def all_compiles():
   """Every XLA compilation from the engine's creation to the end of the module. JAX's caches
   are process-wide (host-side conversions compiled by other test modules would hide ours), so
-  the module starts from empty caches."""
+  the module starts from empty caches, and with the persistent cache off: a server test earlier
+  in the run turns it on for the process (tests/server_fixtures.py), and then the engine would
+  load its steps from the executable store (compiling, and counting, none of them) when an
+  earlier run on this machine left them there."""
+  saved = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", None)
   jax.clear_caches()
-  with backend_compiles() as names:
-    yield names
+  try:
+    with backend_compiles() as names:
+      yield names
+  finally:
+    jax.config.update("jax_compilation_cache_dir", saved)
 
 
 @pytest.fixture(scope="module")
