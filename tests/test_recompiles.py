@@ -126,10 +126,12 @@ def backend_compiles():
 def all_compiles():
   """Every XLA compilation from the engine's creation to the end of the module. JAX's caches
   are process-wide (host-side conversions compiled by other test modules would hide ours), so
-  the module starts from empty caches, and with the persistent cache off: a server test earlier
-  in the run turns it on for the process (tests/server_fixtures.py), and then the engine would
-  load its steps from the executable store (compiling, and counting, none of them) when an
-  earlier run on this machine left them there."""
+  the module starts from empty caches, and with the executable store off (it follows
+  ``jax_compilation_cache_dir``): a server test earlier in the run turns JAX's persistent cache
+  on for the process (tests/server_fixtures.py), and then the engine would load its steps from
+  the store (tracing, compiling and counting none of them) when an earlier run on this machine
+  left them there. JAX's own cache, once in use, stays in use for the process; that is harmless
+  here: a hit in it still traces the step and still emits the backend-compile event counted."""
   saved = jax.config.jax_compilation_cache_dir
   jax.config.update("jax_compilation_cache_dir", None)
   jax.clear_caches()
